@@ -1,0 +1,15 @@
+"""efficient-transformers: every model of "Efficient Transformers: A Survey" (Tay et al., arXiv 2009.06732)
+in one tested PyTorch package, measured on memory and compute.
+
+    import efficient_transformers as et
+    et.mechanisms()                       # the registered mechanisms' cards, in the survey's order
+    attn = et.build_attention("vanilla", dim=256, heads=4, causal=True)
+    lm = et.TransformerLM(vocab_size=256, attention="vanilla")
+"""
+
+from .models import TransformerClassifier, TransformerEncoder, TransformerLM
+from .registry import Card, build_attention, card, mechanisms
+
+__version__ = "0.1.0"
+
+__all__ = ["Card", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "build_attention", "card", "mechanisms"]

@@ -1,0 +1,3 @@
+"""One module per mechanism, named after the model. Importing this package registers them all."""
+
+from . import vanilla  # noqa: F401

@@ -1,0 +1,82 @@
+"""The `eft` command line (also `python -m efficient_transformers`).
+
+    eft models [--json]      the survey's Table 1, produced from the registry
+    eft bench ...            the efficiency benchmark           (efficient_transformers.bench.command)
+    eft train ...            train and evaluate one model        (efficient_transformers.train.command)
+    eft lra ...              the long-range suite                (efficient_transformers.train.lra)
+
+Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`, so the
+CLI stays a thin dispatcher and the dependency direction stays cli -> (bench, train) -> models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .registry import mechanisms
+
+SUBCOMMANDS = {
+    "bench": ("efficient_transformers.bench.command", "the efficiency benchmark: time, memory, FLOPs, slopes, crossover"),
+    "train": ("efficient_transformers.train.command", "train and evaluate one model on one task"),
+    "lra": ("efficient_transformers.train.lra", "the long-range suite over all mechanisms"),
+}
+
+
+def models_table() -> str:
+    rows = [("Model", "Year", "Complexity", "Decode", "Class")]
+    for c in mechanisms():
+        rows.append((c.title, str(c.year), c.complexity, "yes" if c.causal else "no", "+".join(c.classes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([c.to_json() for c in mechanisms()], indent=2))
+    else:
+        print(models_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eft", description="efficient-transformers: the survey's models, measured.")
+    sub = parser.add_subparsers(dest="command", metavar="{models,bench,train,lra}")
+    p = sub.add_parser("models", help="the survey's Table 1 from the registry")
+    p.add_argument("--json", action="store_true", help="print the cards as a JSON list")
+    p.set_defaults(run=_run_models)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith("efficient_transformers"):
+                raise
+            p = sub.add_parser(name, help=f"{help_text} (not available in this build)")
+            p.set_defaults(run=lambda a, n=name: _unavailable(n))
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def _unavailable(name: str) -> int:
+    print(f"eft {name}: not available in this build", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Token embedding plus absolute positions, shared by the language model and the classifier."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .positions import build_positions
+
+
+class Embedder(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, *, positional: str = "sinusoidal", max_seq_len: int = 4096,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        self.tokens = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        self.positions = build_positions(positional, dim, max_seq_len)
+        self.scale = math.sqrt(dim) if positional == "sinusoidal" else 1.0
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tokens: Tensor, offset: int = 0, prefix: Tensor | None = None) -> Tensor:
+        """tokens (B, N) -> (B, N [+ P], dim); `prefix` (B, P, dim) is prepended before positions are added."""
+        x = self.tokens(tokens) * self.scale  # (B, N, dim)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + N, dim)
+        if self.positions is not None:
+            x = x + self.positions(x.shape[1], offset, dtype=x.dtype)[None]
+        return self.drop(x)

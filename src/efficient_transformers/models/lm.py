@@ -1,0 +1,114 @@
+"""A causal Transformer language model over any registered attention mechanism.
+
+    tokens (B, N) -> embedding + positions -> depth x block(attention=<name>) -> LN -> logits (B, N, V)
+
+`generate` prefills the prompt once and then feeds one token at a time with each layer's decoding
+state (a KV cache for dense and pattern mechanisms, running sums for kernel mechanisms), so a new
+token costs what the mechanism's incremental form costs, not a recompute of the whole prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import card, mechanisms
+from .blocks import TransformerStack, check_tokens
+from .embedding import Embedder
+
+
+class TransformerLM(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        dim: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        *,
+        attention: str = "vanilla",
+        attention_options: dict[str, Any] | None = None,
+        max_seq_len: int = 4096,
+        norm: str = "pre",
+        positional: str = "sinusoidal",
+        ff_mult: int = 4,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+    ) -> None:
+        super().__init__()
+        if not card(attention).causal:
+            raise ValueError(
+                f"{attention}: TransformerLM needs a causal mechanism and {card(attention).title} cannot decode; "
+                f"allowed: {[c.name for c in mechanisms() if c.causal]}"
+            )
+        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len, dropout=dropout)
+        self.stack = TransformerStack(
+            dim, depth, heads, attention=attention, attention_options=attention_options, causal=True,
+            norm=norm, ff_mult=ff_mult, dropout=dropout, max_seq_len=max_seq_len,
+        )
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.tokens.weight
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """tokens (B, N) long -> logits (B, N, vocab_size)."""
+        check_tokens(tokens, self.vocab_size)
+        self._check_length(tokens.shape[1])
+        x = self.embed(tokens)  # (B, N, dim)
+        return self.head(self.stack(x, mask))  # (B, N, V)
+
+    def _check_length(self, n: int) -> None:
+        if n > self.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds the model's max_seq_len={self.max_seq_len}")
+
+    def _step(self, tokens: Tensor, states: list | None, offset: int) -> tuple[Tensor, list]:
+        x = self.embed(tokens, offset)  # (B, n, dim)
+        h, states = self.stack(x, None, states, return_states=True)  # (B, n, dim)
+        return self.head(h[:, -1]), states  # (B, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """prompt (B, N0) -> (B, N0 + max_new_tokens). top_k=1 is greedy decoding."""
+        check_tokens(prompt, self.vocab_size, "prompt")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r} (use top_k=1 for greedy decoding)")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        self._check_length(prompt.shape[1] + max_new_tokens)
+        was_training = self.training
+        self.eval()
+        try:
+            out = prompt
+            if max_new_tokens == 0:
+                return out
+            logits, states = self._step(prompt, None, 0)  # prefill: (B, V)
+            for i in range(max_new_tokens):
+                nxt = _sample(logits, temperature, top_k, generator)  # (B, 1)
+                out = torch.cat([out, nxt], dim=1)
+                if i + 1 < max_new_tokens:
+                    logits, states = self._step(nxt, states, out.shape[1] - 1)
+            return out
+        finally:
+            self.train(was_training)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    logits = logits.float() / temperature  # (B, V)
+    if top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
