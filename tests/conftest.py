@@ -1,0 +1,8 @@
+"""Test session set-up: one torch thread per xdist worker (CI runs `-n 2` on 2 cores)."""
+
+import os
+
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
