@@ -8,8 +8,9 @@ in one tested PyTorch package, measured on memory and compute.
 """
 
 from .models import TransformerClassifier, TransformerEncoder, TransformerLM
+from .models import RetrievalModel
 from .registry import Card, build_attention, card, mechanisms
 
 __version__ = "0.1.0"
 
-__all__ = ["Card", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "build_attention", "card", "mechanisms"]
+__all__ = ["Card", "RetrievalModel", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "build_attention", "card", "mechanisms"]

@@ -3,5 +3,6 @@
 from .blocks import FeedForward, TransformerBlock, TransformerStack
 from .classifier import TransformerClassifier, TransformerEncoder
 from .lm import TransformerLM
+from .retrieval import RetrievalModel
 
-__all__ = ["FeedForward", "TransformerBlock", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "TransformerStack"]
+__all__ = ["FeedForward", "RetrievalModel", "TransformerBlock", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "TransformerStack"]
