@@ -1,0 +1,137 @@
+"""The model and the loss for each kind of task.
+
+    classification   TransformerClassifier(tokens, mask) -> (B, C)      cross-entropy, accuracy
+    retrieval        RetrievalModel(tokens, tokens2, ...) -> (B, 2)     cross-entropy, accuracy
+    language_model   TransformerLM(tokens, mask) -> (B, L, V)           cross-entropy per byte,
+                                                                        bits per byte = CE / ln 2
+
+`batch_statistics` returns sums (loss, correct, count), not means, so that evaluation over shards and
+processes adds up exactly; the training loss is ``loss_sum / count`` of the micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import RetrievalModel, TransformerClassifier, TransformerLM
+from ..registry import card, mechanisms
+from .config import TrainConfig
+
+KINDS = ("classification", "retrieval", "language_model")
+METRIC_DIRECTION = {"accuracy": "max", "bits_per_byte": "min"}
+
+
+def model_config(config: TrainConfig, task: Any, max_len: int) -> dict[str, Any]:
+    """The keyword arguments that rebuild the model (also stored in the weight files' metadata)."""
+    common = dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
+                  attention_options=dict(config.attention_options), max_seq_len=max_len,
+                  ff_mult=config.ff_mult, dropout=config.dropout)
+    if task.kind == "language_model":
+        return {"class": "TransformerLM", "vocab_size": task.vocab_size, **common}
+    common["pooling"] = config.pooling
+    if task.kind == "retrieval":
+        return {"class": "RetrievalModel", "vocab_size": task.vocab_size, "num_classes": task.num_classes or 2, **common}
+    return {"class": "TransformerClassifier", "vocab_size": task.vocab_size, "num_classes": task.num_classes, **common}
+
+
+def check_mechanism_fits(task: Any, attention: str) -> None:
+    """A language model needs a causal mechanism, the encoders a bidirectional one."""
+    the_card = card(attention)  # unknown names raise ValueError listing the registered ones
+    if task.kind == "language_model" and not the_card.causal:
+        allowed = [c.name for c in mechanisms() if c.causal]
+        raise ValueError(f"task {task.name!r} is language modelling and needs a causal mechanism; "
+                         f"{attention!r} cannot decode; allowed: {allowed}")
+    if task.kind != "language_model" and not the_card.bidirectional:
+        allowed = [c.name for c in mechanisms() if c.bidirectional]
+        raise ValueError(f"task {task.name!r} needs a bidirectional mechanism; {attention!r} is causal only; "
+                         f"allowed: {allowed}")
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    classes = {"TransformerLM": TransformerLM, "RetrievalModel": RetrievalModel,
+               "TransformerClassifier": TransformerClassifier}
+    kwargs = dict(spec)
+    name = kwargs.pop("class")
+    if name not in classes:
+        raise ValueError(f"unknown model class {name!r}; allowed: {sorted(classes)}")
+    if name == "TransformerLM":
+        return TransformerLM(**kwargs)
+    vocab_size = kwargs.pop("vocab_size")
+    if name == "TransformerClassifier":
+        return TransformerClassifier(vocab_size, kwargs.pop("num_classes"), **kwargs)
+    return RetrievalModel(vocab_size, **kwargs)
+
+
+@dataclass
+class BatchStats:
+    """Sums over one or more batches; `count` is examples (classification) or target bytes (LM)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def add(self, other: "BatchStats") -> None:
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.count += other.count
+
+    def as_tensor(self) -> Tensor:
+        return torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> "BatchStats":
+        loss_sum, correct, count = (float(v) for v in t.tolist())
+        return cls(loss_sum, correct, count)
+
+    def summary(self, metric: str) -> dict[str, float | None]:
+        """{"loss", "accuracy"} and, for language models, "bits_per_byte" (None when empty)."""
+        if self.count == 0:
+            return {"loss": None, "accuracy": None, **({"bits_per_byte": None} if metric == "bits_per_byte" else {})}
+        loss = self.loss_sum / self.count
+        out = {"loss": loss, "accuracy": self.correct / self.count}
+        if metric == "bits_per_byte":
+            out["bits_per_byte"] = loss / math.log(2)
+        return out
+
+
+def _mask_or_none(mask: Tensor) -> Tensor | None:
+    """All-real masks are dropped, so mechanisms take their unmasked (often faster) path."""
+    return None if bool(mask.all()) else mask
+
+
+def move_batch(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_statistics(model: nn.Module, batch: dict[str, Tensor], kind: str) -> tuple[Tensor, BatchStats]:
+    """Forward one batch: (loss_sum as a differentiable scalar, detached statistics)."""
+    if kind == "language_model":
+        mask = batch["mask"]  # (B, L)
+        logits = model(batch["tokens"], _mask_or_none(mask))  # (B, L, V)
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")  # (B*L,)
+        real = mask.flatten()  # (B*L,)
+        loss_sum = per_token[real].sum()
+        correct = (logits.argmax(-1).flatten()[real] == batch["targets"].flatten()[real]).sum()
+        count = real.sum()
+    elif kind in ("classification", "retrieval"):
+        if kind == "retrieval":
+            mask, mask2 = batch["mask"], batch["mask2"]
+            if bool(mask.all()) and bool(mask2.all()):
+                mask = mask2 = None
+            logits = model(batch["tokens"], batch["tokens2"], mask, mask2)  # (B, 2)
+        else:
+            logits = model(batch["tokens"], _mask_or_none(batch["mask"]))  # (B, C)
+        labels = batch["label"]  # (B,)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum()
+        count = torch.tensor(labels.numel())
+    else:
+        raise ValueError(f"unknown task kind {kind!r}; allowed: {list(KINDS)}")
+    stats = BatchStats(float(loss_sum.detach()), float(correct), float(count))
+    return loss_sum, stats
