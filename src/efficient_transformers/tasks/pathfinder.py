@@ -1,0 +1,514 @@
+"""Pathfinder and Path-X (LRA): are the two circular markers joined by a dashed path? 2 classes
+(1 = connected), one token per pixel (``pixel + 1``, vocabulary 257), 32x32 = 1024 tokens
+(Path-X: ``size=128``, 16,384 tokens).
+
+Official format: the LRA release of Linsley et al.'s generator output. ``data_dir`` is a folder
+holding ``metadata/`` and the image folders (e.g. ``pathfinder32/curv_contour_length_14``), or its
+parent, in which case option ``difficulty`` picks ``easy`` = ``curv_baseline``, ``intermediate`` =
+``curv_contour_length_9`` or ``hard`` = ``curv_contour_length_14`` (default). Assumptions about the
+layout, taken from how LRA's TFDS builder and later readers (e.g. S4's) read it:
+
+* every ``metadata/*.npy`` file is, despite its name, a text file: one example per line, fields
+  separated by spaces, ``[subdir, img_filename, ?, label, ...]``; the image is
+  ``data_dir/subdir/img_filename`` and the label (0 or 1) is field index 3. Files that really are
+  NumPy ``.npy`` arrays (2-D, string dtype, same columns) are read too, without pickle.
+* metadata files are taken in numeric order of their stem (``0.npy``, ``1.npy``, ..., then any
+  non-numeric names alphabetically), rows in file order;
+* images are PNG, 8-bit (grayscale, or colour converted to luma), all of the same size.
+
+The release has no splits; as in LRA (80/10/10) a fixed permutation (independent of ``seed``) of
+all rows gives train / val / test. Images are decoded lazily in ``__getitem__`` (the release holds
+hundreds of thousands); with Pillow installed it decodes them, otherwise a small built-in PNG
+decoder does (8-bit, non-interlaced). ``max_len=None`` keeps whole images.
+
+Generator (``data_dir=None``), written from the description of Linsley's generator, not its code:
+every image holds two long dashed "snakes" of ``contour_length`` paddles (short line segments of
+``paddle_length`` separated by gaps of ``paddle_margin``, each turning by at most
+``continuity`` x 20 degrees from the previous one) and ``num_distractors`` short ones of
+``contour_length // 3`` paddles. Two circular markers of radius ``marker_radius`` sit on snake ends:
+both ends of the same long snake (label 1) or one end of each long snake (label 0), at least
+``seed_distance`` apart, so the two classes have the same amount of ink and markers at path ends
+in both. Snakes never touch each other or the markers of other snakes (a clearance is kept), so
+the label is exactly the connectivity. Rendering is anti-aliased by supersampling. Differences from
+Linsley's generator: lengths are in output pixels, there is no contrast jitter, and the geometry
+is approximate. Presets follow the LRA settings: size 32 (``paddle_length`` 2, ``paddle_margin``
+1, ``paddle_thickness`` 0.75, ``marker_radius`` 1.5, ``seed_distance`` 7, ``continuity`` 1.0,
+5 distractors) and size 128 (5, 2.5, 1.5, 3, 20, 1.8, 8); other sizes scale the 32 preset. Labels
+are balanced.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .base import (
+    BYTE_VOCAB,
+    GENERATE,
+    LOAD,
+    ClassificationDataset,
+    Ragged,
+    Task,
+    balanced_labels,
+    data_error,
+    fixed_permutation,
+    missing_file,
+    register_task,
+    require_dir,
+    split_rng,
+    _index,
+)
+
+DIFFICULTY = {"easy": "curv_baseline", "intermediate": "curv_contour_length_9", "hard": "curv_contour_length_14"}
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+# ----------------------------------------------------------------------------------------------
+# PNG (8-bit) reading and writing
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (8-bit only)
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+
+
+def _unfilter(raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)  # (H, 1 + stride)
+    out = np.zeros((height, stride), dtype=np.uint8)  # (H, stride)
+    prev = np.zeros(stride, dtype=np.uint8)
+    for r in range(height):
+        ftype, line = int(rows[r, 0]), rows[r, 1:]
+        if ftype == 0:  # None
+            cur = line.copy()
+        elif ftype == 1:  # Sub: running sum along each channel
+            cur = (np.cumsum(line.reshape(-1, bpp).astype(np.int64), axis=0) % 256).astype(np.uint8).reshape(-1)
+        elif ftype == 2:  # Up
+            cur = line + prev
+        elif ftype in (3, 4):  # Average, Paeth: sequential within the row
+            cur = bytearray(stride)
+            for x in range(stride):
+                a = cur[x - bpp] if x >= bpp else 0
+                b = int(prev[x])
+                if ftype == 3:
+                    pred = (a + b) // 2
+                else:
+                    pred = _paeth(a, b, int(prev[x - bpp]) if x >= bpp else 0)
+                cur[x] = (int(line[x]) + pred) & 0xFF
+            cur = np.frombuffer(bytes(cur), dtype=np.uint8)
+        else:
+            raise ValueError(f"unknown PNG filter type {ftype} in row {r}")
+        out[r] = cur
+        prev = out[r]
+    return out
+
+
+def decode_png_builtin(data: bytes) -> np.ndarray:
+    """Decode an 8-bit, non-interlaced PNG (grey, grey+alpha, RGB, RGBA) to (H, W) uint8 grey
+    (colour through the luma weights 0.299/0.587/0.114, alpha ignored)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError("not a PNG file (bad signature)")
+    pos, header, idat = len(_PNG_SIGNATURE), None, []
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
+        if len(chunk) != length:
+            raise ValueError(f"truncated PNG chunk {ctype!r}")
+        if ctype == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif ctype == b"IDAT":
+            idat.append(chunk)
+        elif ctype == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        raise ValueError("PNG without IHDR or IDAT chunks")
+    width, height, depth, ctype, _, _, interlace = header
+    if depth != 8 or interlace != 0 or ctype not in _CHANNELS:
+        raise ValueError(f"unsupported PNG (bit depth {depth}, colour type {ctype}, interlace {interlace}); "
+                         "install Pillow to read it")
+    ch = _CHANNELS[ctype]
+    raw = zlib.decompress(b"".join(idat))
+    if len(raw) != height * (width * ch + 1):
+        raise ValueError(f"PNG image data has {len(raw)} bytes, expected {height * (width * ch + 1)}")
+    pix = _unfilter(raw, height, width * ch, ch).reshape(height, width, ch)  # (H, W, ch)
+    if ch <= 2:
+        return np.ascontiguousarray(pix[:, :, 0])
+    rgb = pix[:, :, :3].astype(np.float64)
+    return np.clip(np.floor(rgb @ np.array([0.299, 0.587, 0.114]) + 0.5), 0, 255).astype(np.uint8)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """(H, W) uint8 grey pixels of a PNG file; malformed files raise ValueError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise missing_file(path, "Pathfinder image") from None
+    try:
+        from PIL import Image as PILImage  # optional: much faster than the built-in decoder
+    except ImportError:
+        PILImage = None
+    try:
+        if PILImage is not None:
+            import io
+
+            with PILImage.open(io.BytesIO(data)) as im:
+                if im.format != "PNG":
+                    raise ValueError(f"not a PNG file (format {im.format})")
+                return np.asarray(im.convert("L"), dtype=np.uint8)
+        return decode_png_builtin(data)
+    except Exception as e:  # noqa: BLE001  (any decoding failure means a malformed file)
+        raise data_error(path, None, f"an 8-bit PNG image [{type(e).__name__}: {e}]") from None
+
+
+def encode_png(gray: np.ndarray) -> bytes:
+    """(H, W) uint8 -> PNG bytes (8-bit grey, filter type None)."""
+    gray = np.ascontiguousarray(gray, dtype=np.uint8)
+    height, width = gray.shape
+    raw = b"".join(b"\x00" + gray[r].tobytes() for r in range(height))
+
+    def chunk(ctype: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body) & 0xFFFFFFFF)
+
+    return (_PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+# ----------------------------------------------------------------------------------------------
+# the LRA layout
+
+
+def write_layout(root: str | Path, images: np.ndarray, labels: np.ndarray, per_file: int = 1000) -> None:
+    """Write images (n, H, W) uint8 in the layout the loader reads: ``imgs/{k}/sample_{i}.png`` and
+    text metadata ``metadata/{k}.npy`` with rows ``imgs/{k} sample_{i}.png {i} {label}``."""
+    root = Path(root)
+    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    for k, start in enumerate(range(0, len(images), per_file)):
+        sub = root / "imgs" / str(k)
+        sub.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(start, min(start + per_file, len(images))):
+            (sub / f"sample_{i}.png").write_bytes(encode_png(images[i]))
+            lines.append(f"imgs/{k} sample_{i}.png {i} {int(labels[i])}\n")
+        (root / "metadata" / f"{k}.npy").write_text("".join(lines))
+
+
+def _metadata_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) for each example of one metadata file (text, or a real string .npy)."""
+    data = path.read_bytes()
+    if data.startswith(b"\x93NUMPY"):
+        try:
+            import io
+
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            raise data_error(path, None, f"a NumPy array of strings [{type(e).__name__}: {e}]") from None
+        if arr.ndim != 2 or arr.dtype.kind not in "US":
+            raise data_error(path, None, "a 2-D NumPy array of strings", f"{arr.dtype} {arr.shape}")
+        return [(i + 1, [x.decode() if isinstance(x, bytes) else str(x) for x in row]) for i, row in enumerate(arr)]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise data_error(path, None, f"UTF-8 text metadata ({e})") from None
+    return [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
+
+
+def read_metadata(base: Path) -> tuple[list[Path], list[int]]:
+    """All (image path, label) rows of ``base/metadata/*.npy``, in the documented order."""
+    folder = require_dir(base / "metadata", "Pathfinder metadata folder")
+    files = sorted(folder.glob("*.npy"), key=lambda p: (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.name))
+    if not files:
+        raise data_error(folder, None, "metadata files *.npy", "none")
+    paths, labels = [], []
+    for f in files:
+        for lineno, fields in _metadata_rows(f):
+            if len(fields) < 4:
+                raise data_error(f, lineno, "at least 4 fields [subdir, img_filename, ?, label]", " ".join(fields))
+            if fields[3] not in ("0", "1"):
+                raise data_error(f, lineno, "a label 0 or 1 in field 4 (index 3)", fields[3])
+            paths.append(base / fields[0] / fields[1])
+            labels.append(int(fields[3]))
+    return paths, labels
+
+
+class PathfinderFiles(Dataset):
+    """Lazily decoded Pathfinder images: item = {"tokens": (H*W,) pixel + 1, "label": int}."""
+
+    def __init__(self, paths: list[Path], labels: list[int], max_len: int | None):
+        self.paths, self.labels, self.max_len = paths, np.asarray(labels, dtype=np.int64), max_len
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        i = _index(i, len(self))
+        pixels = read_png(self.paths[i]).reshape(-1)  # (H*W,)
+        if self.max_len is not None:
+            pixels = pixels[: self.max_len]
+        return {"tokens": torch.from_numpy(pixels.astype(np.int64) + 1), "label": int(self.labels[i])}
+
+
+# ----------------------------------------------------------------------------------------------
+# the generator
+
+PRESETS = {
+    32: dict(paddle_length=1.5, paddle_margin=0.75, paddle_thickness=0.75, marker_radius=1.5, seed_distance=7.0,
+             max_turn=40.0, num_distractors=20 // (14 // 3)),
+    128: dict(paddle_length=5.0, paddle_margin=2.5, paddle_thickness=1.5, marker_radius=3.0, seed_distance=20.0,
+              max_turn=30.0, num_distractors=35 // (14 // 3)),
+}
+GEOMETRY = ("paddle_length", "paddle_margin", "paddle_thickness", "marker_radius", "seed_distance", "max_turn",
+            "num_distractors")
+
+
+def preset(size: int) -> dict:
+    """Generator geometry for an image size: the LRA-like presets, or the 32 preset scaled."""
+    if size in PRESETS:
+        return dict(PRESETS[size])
+    s = size / 32
+    p = dict(PRESETS[32])
+    for key in ("paddle_length", "paddle_margin", "paddle_thickness", "marker_radius", "seed_distance"):
+        p[key] *= s
+    return p
+
+
+class _Canvas:
+    """Snake placement on an occupancy grid (``res`` cells per pixel): cells within the clearance of
+    a placed snake (or marker) are blocked, and a candidate paddle fits when none of the sample
+    points along it falls in a blocked cell or outside the border padding."""
+
+    def __init__(self, rng: np.random.Generator, size: int, g: dict):
+        self.rng, self.size, self.g = rng, size, g
+        self.clear = g["paddle_thickness"] + g["paddle_margin"]  # min distance between different snakes
+        self.pad = max(1.0, g["marker_radius"])  # keep paths this far from the border
+        self.res = 4 if size <= 64 else 2
+        self.blocked = np.zeros((size * self.res, size * self.res), dtype=bool)  # (G, G)
+        r = int(np.ceil(self.clear * self.res))
+        dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+        keep = dy**2 + dx**2 <= (self.clear * self.res) ** 2
+        self.disk = (dy[keep], dx[keep])  # offsets of the clearance disc, in cells
+        self.n_samples = int(np.ceil(g["paddle_length"] / 0.4)) + 1
+        self.points: list[np.ndarray] = []  # sample points of each placed snake
+        self.segments: list[tuple[np.ndarray, np.ndarray]] = []
+        self.ends: list[tuple[np.ndarray, np.ndarray]] = []  # (start, end) point of each snake
+
+    def _stamp(self, grid: np.ndarray, pts: np.ndarray) -> None:
+        cells = np.floor(pts * self.res).astype(np.int64)  # (k, 2) as (x, y)
+        ys = (cells[:, 1, None] + self.disk[0][None]).reshape(-1)
+        xs = (cells[:, 0, None] + self.disk[1][None]).reshape(-1)
+        ok = (ys >= 0) & (xs >= 0) & (ys < grid.shape[0]) & (xs < grid.shape[1])
+        grid[ys[ok], xs[ok]] = True
+
+    def _shape(self, n_paddles: int) -> np.ndarray | None:
+        """A random snake shape, (n_paddles, k, 2) sample points starting at the origin, or None
+        when it crosses itself. Headings turn by at most ``max_turn`` per paddle."""
+        g, rng = self.g, self.rng
+        turn = np.deg2rad(g["max_turn"])
+        heading = np.cumsum(np.concatenate([[0.0], rng.uniform(-turn, turn, size=n_paddles - 1)]))  # (n,)
+        dirs = np.stack([np.cos(heading), np.sin(heading)], axis=1)  # (n, 2)
+        step = g["paddle_length"] + g["paddle_margin"]
+        starts = np.concatenate([np.zeros((1, 2)), np.cumsum(step * dirs[:-1], axis=0)])  # (n, 2)
+        t = np.linspace(0.0, g["paddle_length"], self.n_samples)[None, :, None]  # (1, k, 1)
+        pts = starts[:, None] + t * dirs[:, None]  # (n, k, 2)
+        if n_paddles > 2:
+            flat = pts.reshape(-1, 2)
+            paddle = np.repeat(np.arange(n_paddles), self.n_samples)
+            far = np.abs(paddle[:, None] - paddle[None]) >= 2  # pairs of non-neighbouring paddles
+            d2 = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+            if (d2[far] < self.clear**2).any():
+                return None
+        return pts
+
+    def add_snake(self, n_paddles: int, shapes: int = 20, placements: int = 48) -> bool:
+        """Place a snake: draw random shapes and, for each, try ``placements`` random rotations and
+        translations at once; the first that stays inside the border padding and off blocked
+        cells is kept."""
+        rng, lo, hi = self.rng, self.pad, self.size - self.pad
+        top = self.blocked.shape[0] - 1
+        for _ in range(shapes):
+            pts = self._shape(n_paddles)
+            if pts is None:
+                continue
+            flat = pts.reshape(-1, 2)  # (P, 2)
+            rot = rng.uniform(0, 2 * np.pi, size=placements)
+            c, s = np.cos(rot), np.sin(rot)
+            x = c[:, None] * flat[None, :, 0] - s[:, None] * flat[None, :, 1]  # (M, P) rotated
+            y = s[:, None] * flat[None, :, 0] + c[:, None] * flat[None, :, 1]
+            # translate uniformly within the range that keeps each placement inside [lo, hi]
+            span_x = (hi - lo) - (x.max(1) - x.min(1))  # (M,)
+            span_y = (hi - lo) - (y.max(1) - y.min(1))
+            ok = (span_x >= 0) & (span_y >= 0)
+            if not ok.any():
+                continue
+            x = x - x.min(1, keepdims=True) + lo + rng.uniform(0, 1, size=(placements, 1)) * np.maximum(span_x, 0)[:, None]
+            y = y - y.min(1, keepdims=True) + lo + rng.uniform(0, 1, size=(placements, 1)) * np.maximum(span_y, 0)[:, None]
+            cx = np.minimum((x * self.res).astype(np.int64), top)
+            cy = np.minimum((y * self.res).astype(np.int64), top)
+            ok &= ~self.blocked[cy, cx].any(axis=1)
+            good = np.flatnonzero(ok)
+            if not len(good):
+                continue
+            j = good[0]
+            placed = np.stack([x[j], y[j]], axis=1).reshape(n_paddles, self.n_samples, 2)  # (n, k, 2)
+            new = placed.reshape(-1, 2)
+            self._stamp(self.blocked, new)
+            self.points.append(new)
+            self.segments += [(placed[i, 0], placed[i, -1]) for i in range(n_paddles)]
+            self.ends.append((placed[0, 0], placed[-1, -1]))
+            return True
+        return False
+
+    def marker_clear(self, centre: np.ndarray, snake: int) -> bool:
+        """A marker on ``snake`` must keep its clearance from every other snake."""
+        need = self.g["marker_radius"] + self.clear
+        return all(np.linalg.norm(q - centre, axis=-1).min() >= need for i, q in enumerate(self.points) if i != snake)
+
+    def add_obstacle(self, centre: np.ndarray) -> None:
+        """Reserve a marker's disc so that distractors keep clear of it."""
+        angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+        ring = centre + self.g["marker_radius"] * np.stack([np.cos(angles), np.sin(angles)], 1)
+        self._stamp(self.blocked, np.concatenate([ring, centre[None]]))
+
+
+def _render(size: int, segments: list, markers: list, thickness: float, radius: float) -> np.ndarray:
+    """Anti-aliased drawing (supersampled) of paddles and marker discs -> (size, size) uint8."""
+    ss = 4 if size <= 64 else 2
+    canvas = np.zeros((size * ss, size * ss), dtype=bool)  # (S, S) subpixels
+    if segments:
+        a = np.array([s[0] for s in segments]) * ss  # (K, 2) in subpixel units
+        b = np.array([s[1] for s in segments]) * ss
+        half = thickness * ss / 2
+        lo = np.floor(np.minimum(a, b) - half - 1).astype(np.int64)  # (K, 2) window corner
+        w = int(np.ceil(np.abs(b - a).max() + 2 * half + 3))
+        off = np.arange(w)
+        ix = lo[:, 0, None, None] + off[None, None, :]  # (K, 1, w)
+        iy = lo[:, 1, None, None] + off[None, :, None]  # (K, w, 1)
+        px, py = ix + 0.5, iy + 0.5
+        ab = b - a
+        t = ((px - a[:, 0, None, None]) * ab[:, 0, None, None] + (py - a[:, 1, None, None]) * ab[:, 1, None, None])
+        t = np.clip(t / np.maximum((ab**2).sum(1), 1e-9)[:, None, None], 0, 1)  # (K, w, w)
+        dx = px - (a[:, 0, None, None] + t * ab[:, 0, None, None])
+        dy = py - (a[:, 1, None, None] + t * ab[:, 1, None, None])
+        inside = dx**2 + dy**2 <= half**2
+        ix, iy = np.broadcast_to(ix, inside.shape), np.broadcast_to(iy, inside.shape)
+        keep = inside & (ix >= 0) & (iy >= 0) & (ix < size * ss) & (iy < size * ss)
+        canvas[iy[keep], ix[keep]] = True
+    yy, xx = np.mgrid[0 : size * ss, 0 : size * ss]
+    for c in markers:
+        cx, cy = c * ss
+        r = radius * ss
+        canvas |= (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r**2
+    cover = canvas.reshape(size, ss, size, ss).mean(axis=(1, 3))  # (size, size) coverage in [0, 1]
+    return np.floor(cover * 255 + 0.5).astype(np.uint8)
+
+
+def draw_pathfinder(rng: np.random.Generator, label: int, size: int = 32, contour_length: int = 14,
+                    **geometry) -> np.ndarray:
+    """One (size, size) uint8 image; ``label`` 1 = the markers are joined by one snake."""
+    g = preset(size)
+    g.update({k: v for k, v in geometry.items() if v is not None})
+    for _ in range(200):
+        cv = _Canvas(rng, size, g)
+        if not cv.add_snake(contour_length):
+            continue
+        (a0, a1), = cv.ends
+        if label == 1 and np.linalg.norm(a1 - a0) < g["seed_distance"]:
+            continue  # cheap early retry: the markers would sit too close together
+        if not cv.add_snake(contour_length):
+            continue
+        b0, b1 = cv.ends[1]
+        if label == 1:
+            options = [((a0, 0), (a1, 0))]
+        else:  # one end of each long snake, in random order of preference
+            options = [((a, 0), (b, 1)) for a in (a0, a1) for b in (b0, b1)]
+            options = [options[k] for k in rng.permutation(4)]
+        chosen = next(((m1, s1, m2, s2) for (m1, s1), (m2, s2) in options
+                       if np.linalg.norm(m1 - m2) >= g["seed_distance"] and cv.marker_clear(m1, s1)
+                       and cv.marker_clear(m2, s2)), None)
+        if chosen is None:
+            continue
+        m1, _, m2, _ = chosen
+        cv.add_obstacle(m1)
+        cv.add_obstacle(m2)
+        for _ in range(int(g["num_distractors"])):
+            cv.add_snake(max(1, contour_length // 3), shapes=8)  # a distractor that does not fit is left out
+        return _render(size, cv.segments, [m1, m2], g["paddle_thickness"], g["marker_radius"])
+    raise ValueError(f"pathfinder: could not place the paths in a {size}x{size} image with {g}; "
+                     "use a larger size or shorter contours")
+
+
+def generate_images(rng: np.random.Generator, n: int, size: int = 32, contour_length: int = 14,
+                    **geometry) -> tuple[np.ndarray, np.ndarray]:
+    labels = balanced_labels(rng, n, 2)
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i] = draw_pathfinder(rng, int(y), size, contour_length, **geometry)
+    return images, labels
+
+
+@register_task
+class PathfinderTask(Task):
+    """Pathfinder (32x32) / Path-X (size=128): are the two markers connected? 2 classes."""
+
+    name = "pathfinder"
+    kind = "classification"
+    vocab_size = BYTE_VOCAB
+    num_classes = 2
+    default_max_len = 1024
+    metric = "accuracy"
+    default_sizes = (1000, 200, 200)  # about 5 ms per 32x32 image
+    options = {
+        "size": (32, GENERATE),
+        "contour_length": (14, GENERATE),
+        **{k: (None, GENERATE) for k in GEOMETRY},  # None -> the preset for the size
+        "difficulty": ("hard", LOAD),
+    }
+
+    def natural_max_len(self, opts):
+        return int(opts.get("size", 32)) ** 2
+
+    def _generate(self, *, seed, max_len, sizes, size, contour_length, **geometry):
+        if not isinstance(size, int) or size < 16:
+            raise ValueError(f"pathfinder: size must be an int >= 16, got {size!r}")
+        if not isinstance(contour_length, int) or contour_length < 2:
+            raise ValueError(f"pathfinder: contour_length must be an int >= 2, got {contour_length!r}")
+        out = {}
+        for split in ("train", "val", "test"):
+            images, labels = generate_images(split_rng(seed, self.name, split), sizes[split], size, contour_length,
+                                             **geometry)
+            out[split] = ClassificationDataset(Ragged.from_matrix(images.reshape(len(images), -1)), labels, shift=1,
+                                               max_len=max_len)
+        return out
+
+    def _load(self, root, *, max_len, sizes, difficulty):
+        if (root / "metadata").is_dir():
+            base = root
+        else:
+            if difficulty not in DIFFICULTY:
+                raise ValueError(f"pathfinder: difficulty must be one of {sorted(DIFFICULTY)}, got {difficulty!r}")
+            base = root / DIFFICULTY[difficulty]
+            if not (base / "metadata").is_dir():
+                raise FileNotFoundError(f"Pathfinder metadata folder not found: neither {root / 'metadata'} "
+                                        f"nor {base / 'metadata'} (difficulty={difficulty!r}) exists")
+        paths, labels = read_metadata(base)
+        order = fixed_permutation(len(paths))
+        n_train = int(round(SPLIT_FRACTIONS[0] * len(paths)))
+        n_val = int(round(SPLIT_FRACTIONS[1] * len(paths)))
+        cuts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+        out = {}
+        for split, idx in cuts.items():
+            if sizes[split] is not None:
+                idx = idx[: sizes[split]]
+            split_paths = [paths[j] for j in idx]
+            for p in split_paths:
+                if not p.is_file():
+                    raise missing_file(p, "Pathfinder image listed in the metadata")
+            out[split] = PathfinderFiles(split_paths, [labels[j] for j in idx], max_len)
+        return out
