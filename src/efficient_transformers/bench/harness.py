@@ -1,0 +1,289 @@
+"""The measuring primitives of `eft bench`: one workload, its step, its FLOPs, and interleaved timing.
+
+What is measured is one attention layer as `et.build_attention(name, dim, heads, causal, **options)`
+builds it (projections included) on an input x of shape (B, N, dim):
+
+- mode "forward": one inference pass, `layer.eval()` under `torch.no_grad()`;
+- mode "train": one forward and backward pass, `layer.train()`, x with requires_grad, parameter
+  gradients reset to None before each step (as `optimizer.zero_grad()` does), a fixed random
+  output gradient.
+
+Time (`time_interleaved`): every layer of one (N, mode) block is warmed up, then timed in rounds; each
+round runs every mechanism once, in an order rotated by one each round, so drift of a shared machine
+hits all mechanisms alike. A sample is `inner` back-to-back steps (enough to last `sample_min_s`)
+divided by `inner`. The figures are the median sample and the median over rounds of the ratio to
+vanilla's sample in the same round (ALGORITHMS.md section 5).
+
+FLOPs (`count_flops`): `torch.utils.flop_counter.FlopCounterMode` over one step. It counts matrix
+products (mm, bmm, addmm, fused attention); elementwise work (softmax, exp, feature maps) is not
+counted. PyTorch has no formula for the CPU flash-attention kernel that SDPA uses on CPU, so the
+upstream dense-attention formulas are registered for it here (counted as dense even when causal, as
+upstream does on GPU).
+
+Machine rate (`matmul_rate`): the best of a few short float32 `torch.matmul` runs on square
+matrices, in GFLOP/s; achieved GFLOP/s of a mechanism is reported as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+MODES = ("forward", "train")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda")
+TINY_WARMUP_LEN = 16
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One configuration to measure: which layer, at which size, doing what.
+
+    `factory` ("path/to/file.py:function") builds the layer with `function(dim=, heads=, causal=,
+    **options)` instead of the registry; the memory probe imports it by path in its own process, so
+    a toy layer (tests, experiments) never enters the global registry.
+    """
+
+    mechanism: str
+    seq_len: int
+    mode: str
+    batch: int = 1
+    dim: int = 256
+    heads: int = 4
+    dtype: str = "float32"
+    causal: bool = False
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+    factory: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Workload":
+        return cls(**data)
+
+    def label(self) -> str:
+        return f"{self.mechanism} N={self.seq_len} {self.mode}"
+
+
+class UnsupportedWorkload(Exception):
+    """The registry refused the configuration (e.g. causal for an encoder-only mechanism)."""
+
+
+def load_factory(spec: str) -> Callable[..., torch.nn.Module]:
+    """Import `function` from `path/to/file.py:function` (a module loaded by file path)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name:
+        raise ValueError(f"layer factory {spec!r} must look like 'path/to/file.py:function'")
+    module_spec = importlib.util.spec_from_file_location(f"_eft_bench_factory_{abs(hash(path))}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"layer factory {spec!r}: cannot import {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise ValueError(f"layer factory {spec!r}: {path!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def build_layer(work: Workload) -> torch.nn.Module:
+    """The layer of `work`, seeded, on its device and dtype, in train or eval mode."""
+    torch.manual_seed(0)
+    if work.factory:
+        layer = load_factory(work.factory)(dim=work.dim, heads=work.heads, causal=work.causal, **work.options)
+    else:
+        from ..registry import build_attention
+
+        try:
+            layer = build_attention(work.mechanism, work.dim, work.heads, work.causal, **work.options)
+        except ValueError as err:  # the registry's verdict on an unsupported combination
+            raise UnsupportedWorkload(str(err)) from err
+    layer = layer.to(device=work.device, dtype=DTYPES[work.dtype])
+    return layer.train(work.mode == "train")
+
+
+def make_step(layer: torch.nn.Module, work: Workload, seq_len: int | None = None) -> Callable[[], None]:
+    """A zero-argument callable running one step of `work` (inputs made here, once)."""
+    n = work.seq_len if seq_len is None else seq_len
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    dtype = DTYPES[work.dtype]
+    x = torch.randn(work.batch, n, work.dim, generator=gen).to(work.device, dtype)  # (B, N, dim)
+    if work.mode == "forward":
+
+        def forward_step() -> None:
+            with torch.no_grad():
+                layer(x)
+
+        return forward_step
+
+    x.requires_grad_(True)
+    grad_out = torch.randn(work.batch, n, work.dim, generator=gen).to(work.device, dtype)  # (B, N, dim)
+
+    def train_step() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(grad_out)
+
+    return train_step
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------- FLOPs
+def _cpu_sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _extra_flop_formulas() -> dict[Any, Callable[..., int]]:
+    aten = torch.ops.aten
+    formulas: dict[Any, Callable[..., int]] = {}
+    for op_name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_forward_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flops),
+    ):
+        if hasattr(aten, op_name):
+            formulas[getattr(aten, op_name)] = formula  # FlopCounterMode looks ops up by overload packet
+    return formulas
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """Matrix-product FLOPs of one call of `step`, by `FlopCounterMode` (plus CPU fused attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------- machine rate
+def matmul_rate(device: str = "cpu", *, size: int | None = None, seconds: float = 0.5) -> dict[str, Any]:
+    """The machine's float32 matrix-multiply rate: best GFLOP/s over short runs of `size`^3 products."""
+    size = size or (4096 if device == "cuda" else 1024)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device)
+    b = torch.randn(size, size, generator=gen).to(device)
+    flops_per_product = 2 * size**3
+    torch.matmul(a, b)  # warm-up
+    synchronize(device)
+    best, runs, deadline = 0.0, 0, time.perf_counter() + seconds
+    while runs < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b)
+        synchronize(device)
+        best = max(best, 4 * flops_per_product / (time.perf_counter() - start) / 1e9)
+        runs += 1
+    return {"gflops": best, "size": size, "dtype": "float32", "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------- timing
+@dataclass
+class TimingPlan:
+    """How long to time: at most `repeats` rounds, fewer for slow steps (but at least `min_rounds`
+    while the per-configuration `timeout_s` allows), samples of at least `sample_min_s` seconds."""
+
+    repeats: int
+    min_rounds: int
+    budget_s: float
+    timeout_s: float
+    sample_min_s: float
+
+    def inner_and_rounds(self, step_s: float) -> tuple[int, int]:
+        step_s = max(step_s, 1e-7)
+        inner = max(1, min(10_000, math.ceil(self.sample_min_s / step_s)))
+        sample_s = inner * step_s
+        rounds = min(self.repeats, max(self.min_rounds, math.floor(self.budget_s / sample_s)))
+        rounds_in_limit = max(1, math.floor(self.timeout_s / sample_s) - 1)  # minus the warm-up
+        return inner, max(1, min(rounds, rounds_in_limit))
+
+
+@dataclass
+class TimingResult:
+    """Per mechanism: seconds per step for each round (None where it did not run), or the failure."""
+
+    samples: dict[str, list[float | None]]
+    inner: dict[str, int]
+    failures: dict[str, BaseException]
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], plan: TimingPlan, device: str = "cpu",
+                     on_round: Callable[[int, int], None] | None = None) -> TimingResult:
+    """Warm each step up, then time all of them in rounds with a rotating order (see module doc)."""
+    failures: dict[str, BaseException] = {}
+    inner: dict[str, int] = {}
+    rounds: dict[str, int] = {}
+    for name, step in steps.items():
+        try:
+            step()  # first call: lazy initialisation
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            inner[name], rounds[name] = plan.inner_and_rounds(time.perf_counter() - start)
+        except Exception as err:  # recorded per mechanism (oom or error), never fatal to the block
+            failures[name] = err
+    names = [n for n in steps if n not in failures]
+    total_rounds = max(rounds.values(), default=0)
+    samples: dict[str, list[float | None]] = {n: [None] * total_rounds for n in steps}
+    for r in range(total_rounds):
+        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        for name in order:
+            if name in failures or r >= rounds[name]:
+                continue
+            step = steps[name]
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(inner[name]):
+                    step()
+                synchronize(device)
+                samples[name][r] = (time.perf_counter() - start) / inner[name]
+            except Exception as err:
+                failures[name] = err
+        if on_round:
+            on_round(r + 1, total_rounds)
+    return TimingResult(samples=samples, inner=inner, failures=failures)
+
+
+def median_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def paired_ratio(samples: list[float | None], reference: list[float | None]) -> float | None:
+    """Median over rounds of sample / reference sample in the same round (rounds where both ran)."""
+    ratios = [s / r for s, r in zip(samples, reference) if s is not None and r is not None and r > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+# ---------------------------------------------------------------------------------------- failures
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def classify_failure(err: BaseException) -> tuple[str, str]:
+    """(status, message) for an exception raised by a step: "oom" for allocation failures, else "error"."""
+    message = f"{type(err).__name__}: {err}".strip()
+    first_lines = " ".join(message.splitlines()[:3])[:500]
+    if isinstance(err, MemoryError) or any(m in message.lower() for m in OOM_MARKERS):
+        return "oom", first_lines
+    if isinstance(err, UnsupportedWorkload):
+        return "unsupported", str(err)[:500]
+    return "error", first_lines

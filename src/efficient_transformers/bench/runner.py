@@ -1,0 +1,367 @@
+"""`run_benchmark`: the efficiency benchmark over mechanisms x lengths x modes (DESIGN.md section 4).
+
+For each length N (ascending) and each mode, one *block*:
+
+1. every mechanism's configuration goes through the isolated memory probe (`memory.py`): peak
+   memory, FLOPs, one step's time, and the verdict (ok / oom / timeout / error / unsupported), each in
+   a fresh process under the per-configuration time limit;
+2. the mechanisms that passed are timed in the parent, interleaved in rounds (`harness.py`), with
+   vanilla in the same rounds so that the time ratio to vanilla is paired round by round.
+
+A mechanism that ran out of memory or time at N is not tried again at larger N in that mode (its rows
+say so). Results are written to `out_dir/bench.json` after every block, and the full report
+(bench.json, bench.md, PNG plots) in a `finally`, so an interrupt leaves the partial results.
+Vanilla is always measured, as the baseline, even when not asked for (the config says so).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .. import registry
+from . import analysis, harness, report
+from .memory import ProbeServer, reset_cpu_high_water_mark
+from .progress import ProgressBar
+
+DEFAULT_LENGTHS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_LENGTHS: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+STATUSES = ("ok", "oom", "timeout", "error", "unsupported")
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard to measure: rounds, the time budget per configuration, the limit, the sample length."""
+
+    repeats: int
+    min_rounds: int
+    budget_s: float
+    timeout_s: float
+    sample_min_s: float
+    matmul_probe_s: float
+
+
+FULL_EFFORT = Effort(repeats=10, min_rounds=3, budget_s=15.0, timeout_s=300.0, sample_min_s=0.02, matmul_probe_s=1.0)
+QUICK_EFFORT = Effort(repeats=5, min_rounds=3, budget_s=1.5, timeout_s=30.0, sample_min_s=0.01, matmul_probe_s=0.3)
+
+
+def run_benchmark(
+    *,
+    mechanisms: Iterable[str] | str | None = None,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    modes: Sequence[str] = ("forward", "train"),
+    batch: int = 1,
+    dim: int = 256,
+    heads: int = 4,
+    dtype: str = "float32",
+    causal: bool = False,
+    device: str = "cpu",
+    out_dir: str | os.PathLike = "eft-report",
+    quick: bool = False,
+    repeats: int | None = None,
+    timeout_s: float | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Measure every requested mechanism; write bench.json, bench.md and plots into `out_dir`; return
+    the JSON object `{"config", "rows", "summary"}`.
+
+    `quick` uses `QUICK_LENGTHS` (unless other lengths are given) and `QUICK_EFFORT` (fewer rounds,
+    shorter budgets). `repeats` and `timeout_s` override the effort's rounds and per-configuration
+    limit. `progress`: None draws a bar when stderr is a terminal. Bad arguments raise ValueError
+    before anything runs.
+    """
+    effort = QUICK_EFFORT if quick else FULL_EFFORT
+    if quick and tuple(lengths) == DEFAULT_LENGTHS:
+        lengths = QUICK_LENGTHS
+    names, baseline_added = _validate_mechanisms(mechanisms, causal)
+    lengths = _validate_lengths(lengths)
+    modes = _validate_modes(modes)
+    for label, value in (("batch", batch), ("dim", dim), ("heads", heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"bench: {label} must be a positive int, got {value!r}")
+    if dim % heads:
+        raise ValueError(f"bench: heads={heads} does not divide dim={dim}; allowed heads: "
+                         f"{[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]}")
+    if dtype not in harness.DTYPES:
+        raise ValueError(f"bench: unknown dtype {dtype!r}; allowed: {list(harness.DTYPES)}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"bench: causal must be a bool, got {causal!r}")
+    if device not in harness.DEVICES:
+        raise ValueError(f"bench: unknown device {device!r}; allowed: {list(harness.DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bench: device 'cuda' requested but torch.cuda.is_available() is False; allowed: 'cpu'")
+    if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1):
+        raise ValueError(f"bench: repeats must be a positive int, got {repeats!r}")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise ValueError(f"bench: timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    plan = harness.TimingPlan(
+        repeats=repeats or effort.repeats, min_rounds=min(effort.min_rounds, repeats or effort.repeats),
+        budget_s=effort.budget_s, timeout_s=float(timeout_s or effort.timeout_s), sample_min_s=effort.sample_min_s)
+    config = _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, causal, device, quick, plan, effort)
+    bench = _Benchmark(config, plan, out, progress)
+    return bench.run()
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _validate_mechanisms(mechanisms: Iterable[str] | str | None, causal: bool) -> tuple[list[str], bool]:
+    registered = registry.mechanism_names()
+    if mechanisms is None:
+        return registered, False
+    requested = [m.strip() for m in mechanisms.split(",")] if isinstance(mechanisms, str) else list(mechanisms)
+    if not requested or any(not isinstance(m, str) or not m for m in requested):
+        raise ValueError(f"bench: mechanisms must be registered names, got {mechanisms!r}; registered: {registered}")
+    unknown = [m for m in requested if m not in registered]
+    if unknown:
+        raise ValueError(f"bench: unknown mechanism(s) {unknown}; registered: {registered}")
+    baseline_added = analysis.BASELINE not in requested
+    wanted = set(requested) | {analysis.BASELINE}
+    return [m for m in registered if m in wanted], baseline_added
+
+
+def _validate_lengths(lengths: Sequence[int]) -> list[int]:
+    values = list(lengths) if not isinstance(lengths, (str, bytes)) else None
+    if not values or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in values):
+        raise ValueError(f"bench: lengths must be a non-empty list of positive ints, got {lengths!r}")
+    return sorted(set(values))
+
+
+def _validate_modes(modes: Sequence[str]) -> list[str]:
+    values = [modes] if isinstance(modes, str) else list(modes)
+    bad = [m for m in values if m not in harness.MODES]
+    if not values or bad:
+        raise ValueError(f"bench: unknown mode(s) {bad or values}; allowed: {list(harness.MODES)}")
+    return [m for m in harness.MODES if m in values]
+
+
+def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, causal, device, quick,
+            plan: harness.TimingPlan, effort: Effort) -> dict[str, Any]:
+    cards = {c.name: c for c in registry.mechanisms()}
+    if device == "cuda":
+        memory_method = "cuda: torch.cuda.max_memory_allocated() - memory_allocated() before the step, fresh forked process"
+        device_name = torch.cuda.get_device_name()
+    else:
+        memory_method = reset_cpu_high_water_mark()[1]
+        device_name = _cpu_name()
+    return {
+        "mechanisms": names,
+        "baseline": analysis.BASELINE,
+        "baseline_added": baseline_added,
+        "cards": {n: {"title": cards[n].title, "classes": list(cards[n].classes), "complexity": cards[n].complexity,
+                      "causal": cards[n].causal, "bidirectional": cards[n].bidirectional} for n in names},
+        "lengths": lengths,
+        "modes": modes,
+        "batch": batch,
+        "dim": dim,
+        "heads": heads,
+        "head_dim": dim // heads,
+        "dtype": dtype,
+        "causal": causal,
+        "device": device,
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "repeats": plan.repeats,
+        "min_rounds": plan.min_rounds,
+        "time_budget_s": plan.budget_s,
+        "timeout_s": plan.timeout_s,
+        "sample_min_s": plan.sample_min_s,
+        "matmul_probe_s": effort.matmul_probe_s,
+        "matmul_gflops": None,
+        "matmul_probe": None,
+        "memory_method": memory_method,
+        "memory_unit": "MiB (2^20 bytes), above the resident size before the step (parameters and inputs excluded)",
+        "flops_method": "torch.utils.flop_counter.FlopCounterMode over one step (matrix products and fused attention; "
+                        "elementwise ops not counted; fused attention counted as dense even when causal)",
+        "forward_mode": "layer.eval() under torch.no_grad()",
+        "train_mode": "layer.train(), forward + backward, x.requires_grad, parameter grads reset to None each step",
+        "slope_points": analysis.SLOPE_POINTS,
+        "slope_tolerance": analysis.SLOPE_TOLERANCE,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": None,
+        "complete": False,
+        "interrupted": False,
+        "files": [],
+        "notes": [],
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+
+
+# ---------------------------------------------------------------------------------------- the run
+class _Benchmark:
+    def __init__(self, config: dict[str, Any], plan: harness.TimingPlan, out: Path, progress: bool | None) -> None:
+        self.config, self.plan, self.out = config, plan, out
+        self.rows: list[dict[str, Any]] = []
+        self.cards = {c.name: c for c in registry.mechanisms()}
+        self.given_up: dict[tuple[str, str], tuple[str, str]] = {}  # (mechanism, mode) -> (status, why) at larger N
+        total = len(config["lengths"]) * len(config["modes"]) * len(config["mechanisms"]) * 2
+        self.bar = ProgressBar(total, enabled=progress)
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            self.bar.update(description="measuring the matrix-multiply rate")
+            probe = harness.matmul_rate(self.config["device"], seconds=self.config["matmul_probe_s"])
+            self.config["matmul_gflops"], self.config["matmul_probe"] = probe["gflops"], probe
+            with ProbeServer(threads=self.config["threads"]) as server:
+                for n in self.config["lengths"]:
+                    for mode in self.config["modes"]:
+                        self.rows.extend(self._block(server, n, mode))
+                        self._write_json(self._result())
+            self.config["complete"] = True
+        except KeyboardInterrupt:
+            self.config["interrupted"] = True
+            self.config["notes"].append("interrupted (Ctrl-C): the rows hold the configurations finished before it")
+            raise
+        finally:
+            self.bar.close()
+            self.config["wall_time_s"] = time.perf_counter() - started
+            result = self._result()
+            self.config["files"] = ["bench.json", "bench.md"] + report.write_plots(result, self.out, self.config["notes"])
+            (self.out / "bench.md").write_text(report.markdown(result))
+            result = _finite(result)
+            self._write_json(result)
+        return result
+
+    def _result(self) -> dict[str, Any]:
+        analysis.add_memory_ratios(self.rows)
+        complexities = {n: c["complexity"] for n, c in self.config["cards"].items()}
+        return {"config": self.config, "rows": self.rows, "summary": analysis.summarize(self.rows, complexities)}
+
+    def _write_json(self, result: dict[str, Any]) -> None:
+        tmp = self.out / "bench.json.tmp"
+        tmp.write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
+        tmp.replace(self.out / "bench.json")
+
+    # ------------------------------------------------------------------ one (N, mode) block
+    def _workload(self, name: str, n: int, mode: str) -> harness.Workload:
+        cfg = self.config
+        options = {"max_seq_len": max(cfg["lengths"])} if "max_seq_len" in self.cards[name].options else {}
+        return harness.Workload(mechanism=name, seq_len=n, mode=mode, batch=cfg["batch"], dim=cfg["dim"],
+                                heads=cfg["heads"], dtype=cfg["dtype"], causal=cfg["causal"], device=cfg["device"],
+                                options=options)
+
+    def _block(self, server: ProbeServer, n: int, mode: str) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        works: dict[str, harness.Workload] = {}
+        for name in self.config["mechanisms"]:
+            work = works[name] = self._workload(name, n, mode)
+            row = rows[name] = _empty_row(work)
+            card = self.cards[name]
+            if self.config["causal"] not in card.modes:
+                allowed = ", ".join(f"causal={c}" for c in card.modes)
+                _fail(row, "unsupported", f"{name}: causal={self.config['causal']} is not supported by "
+                      f"{card.title}; allowed: {allowed}")
+            elif (name, mode) in self.given_up:
+                status, why = self.given_up[name, mode]
+                _fail(row, status, f"not run: {why}")
+            else:
+                self.bar.update(description=f"{name} N={n} {mode}: memory probe")
+                answer = server.measure(work.to_json(), self.plan.timeout_s)
+                row.update({k: answer.get(k) for k in ("status", "error", "peak_mem_mb", "flops", "first_step_ms",
+                                                       "probe_wall_s")})
+                row["warnings"] = answer.get("warnings") or []
+                if answer.get("memory_note") and answer["memory_note"] not in self.config["notes"]:
+                    self.config["notes"].append(answer["memory_note"])
+                if row["status"] in ("oom", "timeout"):
+                    self.given_up[name, mode] = (row["status"], f"{row['status']} at N={n} ({row['error']})")
+            self.bar.advance()
+        runnable = [name for name, row in rows.items() if row["status"] == "ok"]
+        self._time(rows, {name: works[name] for name in runnable}, n, mode)
+        return list(rows.values())
+
+    def _time(self, rows: dict[str, dict[str, Any]], works: dict[str, harness.Workload], n: int, mode: str) -> None:
+        steps = {}
+        for name, work in works.items():
+            try:
+                steps[name] = harness.make_step(harness.build_layer(work), work)
+            except Exception as err:
+                _fail(rows[name], *harness.classify_failure(err))
+        self.bar.update(description=f"N={n} {mode}: timing {len(steps)} mechanism(s), warm-up")
+        gc.collect()
+        gc.disable()
+        try:
+            timing = harness.time_interleaved(
+                steps, self.plan, self.config["device"],
+                on_round=lambda r, total: self.bar.update(description=f"N={n} {mode}: timing round {r}/{total}"))
+        finally:
+            gc.enable()
+        del steps
+        gc.collect()
+        for name, err in timing.failures.items():
+            _fail(rows[name], *harness.classify_failure(err))
+        reference = timing.samples.get(analysis.BASELINE)
+        for name in works:
+            row = rows[name]
+            if row["status"] != "ok":
+                continue
+            samples = timing.samples[name]
+            median_s = harness.median_of(samples)
+            row["time_ms"] = median_s * 1e3
+            row["time_samples_ms"] = [None if s is None else s * 1e3 for s in samples]
+            row["rounds"] = sum(s is not None for s in samples)
+            row["inner"] = timing.inner[name]
+            ratio = harness.paired_ratio(samples, reference) if reference else None
+            row["time_ratio_vs_vanilla"] = ratio
+            row["speedup_vs_vanilla"] = 1.0 / ratio if ratio else None
+            if row["flops"] is not None:
+                row["gflops_per_s"] = row["flops"] / median_s / 1e9
+                row["matmul_fraction"] = row["gflops_per_s"] / self.config["matmul_gflops"]
+        self.bar.advance(len(rows))
+
+
+def _empty_row(work: harness.Workload) -> dict[str, Any]:
+    return {
+        "mechanism": work.mechanism, "seq_len": work.seq_len, "mode": work.mode, "batch": work.batch,
+        "dim": work.dim, "heads": work.heads, "dtype": work.dtype, "causal": work.causal, "device": work.device,
+        "options": work.options, "status": "ok", "error": None,
+        "time_ms": None, "time_samples_ms": [], "rounds": 0, "inner": None,
+        "time_ratio_vs_vanilla": None, "speedup_vs_vanilla": None,
+        "peak_mem_mb": None, "mem_ratio_vs_vanilla": None,
+        "flops": None, "gflops_per_s": None, "matmul_fraction": None,
+        "first_step_ms": None, "probe_wall_s": None, "warnings": [],
+    }
+
+
+def _fail(row: dict[str, Any], status: str, message: str) -> None:
+    row["status"], row["error"] = status, message
+    for key in ("time_ms", "time_ratio_vs_vanilla", "speedup_vs_vanilla", "gflops_per_s", "matmul_fraction"):
+        row[key] = None
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become null (bench.json must parse everywhere)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
