@@ -1,3 +1,5 @@
 """One module per mechanism, named after the model. Importing this package registers them all."""
 
 from . import vanilla  # noqa: F401
+from . import linear_transformer  # noqa: F401
+from . import performer  # noqa: F401

@@ -1,0 +1,66 @@
+"""Linear Transformer (Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive
+Transformers with Linear Attention", ICML; arXiv 2006.16236).
+
+    V'_i = phi(Q_i)^T sum_j phi(K_j) V_j^T / phi(Q_i)^T sum_j phi(K_j),    phi(x) = elu(x) + 1
+
+The similarity exp(q . k) of softmax attention is replaced by the kernel phi(q) . phi(k); computing
+phi(K)^T V first (a d x d matrix) makes the cost O(N d^2) in time and O(N d) in memory.
+
+Causal: the sums run over j <= i. Training uses the chunked form of `core.kernel_attention`
+(quadratic only inside chunks of `chunk_size` tokens, the carried (d, d + 1) state between them);
+decoding is the paper's RNN: the state S = sum phi(k_j) [v_j, 1]^T is all that is carried, so each
+new token costs O(d^2) time and memory whatever the prefix length (card decoding="recurrent").
+
+Defaults: `chunk_size=64`, inside the 64-128 range where the intra-chunk products (N C d) stay
+below the inter-chunk ones (N d^2) for d = 64 heads and the per-chunk states ((N / C) d^2 numbers)
+stay small. The features are cheap (m = d), so nothing is recomputed in the backward pass.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..core import AttentionLayer
+from ..core.feature_maps import EluPlusOne
+from ..core.kernel_attention import KernelState, kernel_attention
+from ..registry import Card, register
+
+
+def check_chunk_size(name: str, chunk_size) -> int:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+@register(
+    Card(
+        name="linear_transformer",
+        title="Linear Transformer",
+        paper="Katharopoulos et al., Transformers are RNNs: Fast Autoregressive Transformers with Linear "
+        "Attention, ICML 2020 (arXiv 2006.16236)",
+        year=2020,
+        complexity="O(N)",
+        classes=("KR",),
+        causal=True,
+        bidirectional=True,
+        options={"chunk_size": 64},
+        decoding="recurrent",
+    )
+)
+class LinearTransformerAttention(AttentionLayer):
+    small_options = {"chunk_size": 4}
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, *, chunk_size: int = 64) -> None:
+        super().__init__(dim, heads, causal)
+        self.chunk_size = check_chunk_size(self.card.name, chunk_size)
+        self.feature_map = EluPlusOne(self.head_dim)
+        self.segment_size = 1024  # tokens per scan segment (a multiple of chunk_size is used)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: KernelState | None):
+        return kernel_attention(
+            q, k, v, self.feature_map, key_mask=mask, causal=self.causal, state=state,
+            chunk_size=self.chunk_size, segment_size=self.segment_size, recompute=False,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

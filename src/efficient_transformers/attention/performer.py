@@ -1,0 +1,115 @@
+"""Performer (Choromanski et al. 2020, "Rethinking Attention with Performers", ICLR 2021; arXiv 2009.14794).
+
+FAVOR+ approximates softmax attention with positive random features:
+
+    exp(q . k / sqrt(d)) = E_omega[phi(q) . phi(k)],
+    phi(x) = exp(-|x'|^2 / 2) / sqrt(m) [exp(omega_1 . x'), ..., exp(omega_m . x')],  x' = x d^(-1/4)
+
+    Att(Q, K, V) ~ D^-1 phi(Q) (phi(K)^T V),    D = diag(phi(Q) (phi(K)^T 1))
+
+with omega_i ~ N(0, I_d), orthogonal in blocks of d (orthogonal random features). Cost O(N m d) time,
+O(N m + m d) memory; causal attention uses the same prefix sums in the chunked form of
+`core.kernel_attention`, and decoding carries only the (m, d + 1) state: O(m d) per token.
+
+Options (the paper's):
+- `features`: "positive" (FAVOR+), "hyperbolic" (phi++ = [exp(omega x'), exp(-omega x')], 2m features
+  for m draws, lower variance), or "relu" (generalized attention with f = ReLU: phi = relu(omega x'),
+  a different kernel, not an estimate of softmax);
+- `nb_features` m (random directions): default 256, the value of the paper's experiments and of the
+  LRA configuration, close to the theory's m = Theta(d log d) (= 266 for d = 64);
+- `orthogonal`: orthogonal random features (default, lower variance) or i.i.d. Gaussian;
+- `redraw_interval`: None (default) keeps the features fixed; an int r redraws them every r forward
+  calls in training mode (the paper found periodic redrawing necessary on long runs). The features,
+  their seed and the draw count are buffers, so a saved layer reloads with the same features and the
+  same module gives the same output in train and eval while redrawing is off.
+- `chunk_size`: tokens per chunk of the causal scan (default 64, in the 64-128 range where the
+  intra-chunk products N C m stay below the feature products N d m).
+
+Numerics: features and normalisers run in float32 (float64 for float64 inputs) with exact, causal
+stabilisers (see `core.kernel_attention`): no overflow for any input magnitude, no NaN in bf16/fp16.
+Memory: the backward pass recomputes the features one segment at a time (activation checkpointing),
+so m = 256 features cost no more memory than the N x d inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..core import AttentionLayer
+from ..core.feature_maps import PositiveRandomFeatures, ReluRandomFeatures
+from ..core.kernel_attention import KernelState, kernel_attention
+from ..registry import Card, register
+from .linear_transformer import check_chunk_size
+
+FEATURES = ("positive", "hyperbolic", "relu")
+
+
+@register(
+    Card(
+        name="performer",
+        title="Performer",
+        paper="Choromanski et al., Rethinking Attention with Performers, ICLR 2021 (arXiv 2009.14794)",
+        year=2020,
+        complexity="O(N)",
+        classes=("KR",),
+        causal=True,
+        bidirectional=True,
+        options={"nb_features": 256, "features": "positive", "orthogonal": True, "redraw_interval": None, "chunk_size": 64},
+        decoding="recurrent",
+    )
+)
+class PerformerAttention(AttentionLayer):
+    small_options = {"nb_features": 16, "chunk_size": 4}
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        causal: bool = False,
+        *,
+        nb_features: int = 256,
+        features: str = "positive",
+        orthogonal: bool = True,
+        redraw_interval: int | None = None,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__(dim, heads, causal)
+        name = self.card.name
+        if not isinstance(nb_features, int) or isinstance(nb_features, bool) or nb_features < 1:
+            raise ValueError(f"{name}: nb_features must be a positive int, got {nb_features!r}")
+        if features not in FEATURES:
+            raise ValueError(f"{name}: unknown features {features!r}; allowed: {list(FEATURES)}")
+        if not isinstance(orthogonal, bool):
+            raise ValueError(f"{name}: orthogonal must be a bool, got {orthogonal!r}")
+        if redraw_interval is not None and (
+            not isinstance(redraw_interval, int) or isinstance(redraw_interval, bool) or redraw_interval < 1
+        ):
+            raise ValueError(f"{name}: redraw_interval must be None (no redraw) or a positive int, got {redraw_interval!r}")
+        self.chunk_size = check_chunk_size(name, chunk_size)
+        self.features, self.redraw_interval = features, redraw_interval
+        if features == "relu":
+            self.feature_map = ReluRandomFeatures(self.head_dim, nb_features, orthogonal=orthogonal)
+        else:
+            self.feature_map = PositiveRandomFeatures(
+                self.head_dim, nb_features, orthogonal=orthogonal, hyperbolic=features == "hyperbolic"
+            )
+        self.register_buffer("calls_since_redraw", torch.tensor(0, dtype=torch.int64))
+        self.segment_size = 1024  # tokens per recomputed segment in the backward pass
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: KernelState | None):
+        if self.redraw_interval is not None and self.training and state is None:
+            if int(self.calls_since_redraw) >= self.redraw_interval:
+                self.feature_map.redraw()
+                self.calls_since_redraw.zero_()
+            self.calls_since_redraw += 1
+        return kernel_attention(
+            q, k, v, self.feature_map, key_mask=mask, causal=self.causal, state=state,
+            chunk_size=self.chunk_size, segment_size=self.segment_size, recompute=True,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, features={self.features}, nb_features={self.feature_map.nb_features}, "
+            f"orthogonal={self.feature_map.orthogonal}, redraw_interval={self.redraw_interval}"
+        )

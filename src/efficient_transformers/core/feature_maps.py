@@ -1,0 +1,152 @@
+"""Feature maps phi for kernel attention (Performer, Linear Transformer).
+
+Kernel attention replaces exp(q . k) by phi(q) . phi(k) with phi: R^d -> R^m_{>=0}, so that
+
+    out_i = sum_j phi(q_i) . phi(k_j) v_j / sum_j phi(q_i) . phi(k_j)
+
+can be re-associated as phi(Q) (phi(K)^T V) and never forms an N x N matrix (see `kernel_attention`).
+
+Feature maps are small pluggable modules of two kinds:
+
+- **direct** maps return phi(x) itself: `EluPlusOne` (Linear Transformer), `ReluRandomFeatures`
+  (Performer's "generalized attention" with f = ReLU);
+- **exponential** maps (`exponential = True`) return log phi(x): `PositiveRandomFeatures` (FAVOR+,
+  positive and hyperbolic). The attention code exponentiates them itself, after subtracting
+  stabilisers that cancel in the ratio above, so the features can neither overflow nor all underflow
+  (see `kernel_attention` for how the key stabiliser stays exactly causal).
+
+Feature maps are defined up to a positive constant factor (Performer's 1/sqrt(m)): it cancels in
+the normalised attention, so it is left out.
+
+Random features are buffers (saved with the weights). `gaussian_random_matrix` draws them from an
+explicit `torch.Generator`, so a layer built after `torch.manual_seed(s)` is reproducible and a
+redraw (Performer's option) is an explicit, seeded event.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gaussian_random_matrix(
+    num_rows: int, dim: int, *, orthogonal: bool, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """(num_rows, dim) random projection directions with N(0, I_d) marginals.
+
+    With `orthogonal`, rows come in blocks of `dim` exactly orthogonal directions (QR of a Gaussian
+    matrix, Performer's orthogonal random features) whose lengths are redrawn as the norms of
+    independent Gaussian vectors (chi_d distributed), so each row is still marginally N(0, I_d) and
+    the softmax-kernel estimate stays unbiased while its variance drops.
+    """
+    if not orthogonal:
+        return torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).to(dtype)
+    blocks = []
+    for _ in range(-(-num_rows // dim)):
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)  # (d, d)
+        q, r = torch.linalg.qr(gaussian)  # q: (d, d) orthogonal
+        q = q * torch.sign(torch.diagonal(r))[None, :]  # unique QR: Haar-distributed q
+        blocks.append(q.T)  # rows are orthonormal directions
+    directions = torch.cat(blocks, dim=0)[:num_rows]  # (m, d)
+    lengths = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).norm(dim=1)  # (m,) ~ chi_d
+    return (directions * lengths[:, None]).to(dtype)
+
+
+class FeatureMap(nn.Module):
+    """phi: (..., N, d) -> (..., N, m). Exponential maps return log phi instead (see module doc)."""
+
+    exponential: bool = False
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    @property
+    def num_features(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class EluPlusOne(FeatureMap):
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, m = d, no randomness."""
+
+    @property
+    def num_features(self) -> int:
+        return self.head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.elu(x) + 1.0  # (..., N, d)
+
+
+class RandomFeatures(FeatureMap):
+    """Random projections omega (m, d), a buffer, drawn from a seed that is itself a buffer.
+
+    Draw number r uses the generator seeded with `seed + r`; `redraw()` takes the next draw. Both the
+    seed and the draw count travel with the state dict, so a saved layer reloads with its features.
+    """
+
+    def __init__(self, head_dim: int, nb_features: int, *, orthogonal: bool) -> None:
+        super().__init__(head_dim)
+        self.nb_features, self.orthogonal = nb_features, orthogonal
+        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG: torch.manual_seed controls it
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.register_buffer("draws", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("omega", self._draw(0))  # (m, d)
+
+    def _draw(self, index: int) -> Tensor:
+        generator = torch.Generator().manual_seed(int(self.seed) + index)
+        return gaussian_random_matrix(self.nb_features, self.head_dim, orthogonal=self.orthogonal, generator=generator)
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Replace omega by the next seeded draw (in place, keeping its dtype and device)."""
+        self.draws += 1
+        self.omega.copy_(self._draw(int(self.draws)))
+
+    def project(self, x: Tensor) -> Tensor:
+        """x' omega^T with x' = x d^(-1/4), so that exp(q' . k') = exp(q . k / sqrt(d))."""
+        omega = self.omega.to(x.dtype)
+        return (x * self.head_dim**-0.25) @ omega.T  # (..., N, m)
+
+
+class PositiveRandomFeatures(RandomFeatures):
+    """FAVOR+ (Choromanski et al. 2020): E[phi(q) . phi(k)] = exp(q . k / sqrt(d)), phi >= 0.
+
+    positive:    log phi(x) = omega x' - |x'|^2 / 2                         (m features)
+    hyperbolic:  log phi(x) = [omega x', -omega x'] - |x'|^2 / 2            (2m features, the paper's
+                 phi++, lower variance for the same draws)
+    """
+
+    exponential = True
+
+    def __init__(self, head_dim: int, nb_features: int, *, orthogonal: bool, hyperbolic: bool = False) -> None:
+        super().__init__(head_dim, nb_features, orthogonal=orthogonal)
+        self.hyperbolic = hyperbolic
+
+    @property
+    def num_features(self) -> int:
+        return 2 * self.nb_features if self.hyperbolic else self.nb_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        projected = self.project(x)  # (..., N, m)
+        half_sq_norm = x.square().sum(-1, keepdim=True) * (0.5 / math.sqrt(self.head_dim))  # (..., N, 1) = |x'|^2/2
+        if self.hyperbolic:
+            projected = torch.cat([projected, -projected], dim=-1)  # (..., N, 2m)
+        return projected - half_sq_norm  # log phi(x): (..., N, m)
+
+
+class ReluRandomFeatures(RandomFeatures):
+    """Performer's generalized attention with f = ReLU: phi(x) = relu(omega x'), a different kernel
+    than softmax (not an estimate of it)."""
+
+    @property
+    def num_features(self) -> int:
+        return self.nb_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.project(x))  # (..., N, m)
