@@ -185,6 +185,24 @@ def generate_examples(rnd: random.Random, n: int, *, min_len: int, max_len: int,
     return rows
 
 
+def generate_splits(seed: int, sizes: dict[str, int], *, min_len: int | None = None, max_len: int = 2000,
+                    max_depth: int = 10, max_args: int = 10) -> dict[str, list[tuple[str, int]]]:
+    """The generator's ``(source, target)`` rows of each split, as `ListOpsTask` makes them: test,
+    then val, then train, each from its own seeded stream and skipping sources drawn before."""
+    min_len = max_len // 4 if min_len is None else int(min_len)
+    if not 0 <= min_len < max_len - 1:
+        raise ValueError(f"listops: need 0 <= min_len < max_len - 1, got min_len={min_len}, max_len={max_len}")
+    if max_depth < 1 or max_args < 2:
+        raise ValueError(f"listops: need max_depth >= 1 and max_args >= 2, got {max_depth}, {max_args}")
+    seen: set[str] = set()
+    rows = {}
+    for split in ("test", "val", "train"):
+        rnd = random.Random(int(split_rng(seed, "listops", split).integers(2**63)))
+        rows[split] = generate_examples(rnd, sizes[split], min_len=min_len, max_len=max_len, max_depth=max_depth,
+                                        max_args=max_args, seen=seen)
+    return {split: rows[split] for split in ("train", "val", "test")}
+
+
 def write_tsv(path: str | Path, rows: list[tuple[str, int]]) -> None:
     """Write rows in the LRA TSV format (header ``Source\\tTarget``)."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -248,19 +266,11 @@ class ListOpsTask(Task):
     }
 
     def _generate(self, *, seed, max_len, sizes, min_len, max_depth, max_args):
-        min_len = max_len // 4 if min_len is None else int(min_len)
-        if not 0 <= min_len < max_len - 1:
-            raise ValueError(f"listops: need 0 <= min_len < max_len - 1, got min_len={min_len}, max_len={max_len}")
-        if max_depth < 1 or max_args < 2:
-            raise ValueError(f"listops: need max_depth >= 1 and max_args >= 2, got {max_depth}, {max_args}")
-        seen: set[str] = set()
+        rows = generate_splits(seed, sizes, min_len=min_len, max_len=max_len, max_depth=max_depth, max_args=max_args)
         out = {}
-        for split in ("test", "val", "train"):
-            rnd = random.Random(int(split_rng(seed, self.name, split).integers(2**63)))
-            rows = generate_examples(rnd, sizes[split], min_len=min_len, max_len=max_len, max_depth=max_depth,
-                                     max_args=max_args, seen=seen)
-            seqs = [encode_source(src) for src, _ in rows]
-            out[split] = ClassificationDataset(Ragged(seqs, np.uint8), [t for _, t in rows], max_len=max_len)
+        for split, split_rows in rows.items():
+            seqs = [encode_source(src) for src, _ in split_rows]  # the loader's own tokenization
+            out[split] = ClassificationDataset(Ragged(seqs, np.uint8), [t for _, t in split_rows], max_len=max_len)
         return out
 
     def _load(self, root, *, max_len, sizes, prefix):
