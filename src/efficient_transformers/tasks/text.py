@@ -5,10 +5,10 @@ Tokens are ``byte + 1`` (vocabulary 257, 0 = PAD); sequences are truncated to ``
 
 Official format: the IMDb ``aclImdb`` folder, ``aclImdb/{train,test}/{pos,neg}/*.txt`` (``data_dir``
 may be the folder holding ``aclImdb`` or ``aclImdb`` itself); label 1 = pos, 0 = neg (as in TFDS
-``imdb_reviews``). The validation split is carved from train: a fixed permutation (independent of
-``seed``) of the sorted training files puts ``val_fraction`` (10%) of them in val. Test files are
-interleaved by the same kind of fixed permutation, so a capped split (``num_test=...``) holds both
-classes. Files are read as bytes, without decoding.
+``imdb_reviews``). Each split's files are put in a fixed order that does not depend on ``seed``:
+each class's sorted files shuffled by a fixed permutation, then the classes interleaved, so any
+prefix is balanced. The validation split is the first ``val_fraction`` (10%) of the training files
+in that order; ``num_*`` caps take prefixes. Files are read as bytes, without decoding.
 
 Generator (``data_dir=None``) — a SYNTHETIC stand-in, not IMDb: each document is noise text made of
 neutral English words with a few sentiment cue words scattered uniformly through it. The majority
@@ -119,15 +119,17 @@ def write_imdb(root: str | Path, splits: dict[str, tuple[list[bytes], np.ndarray
 
 
 def _list_split(base: Path, split: str) -> list[tuple[Path, int]]:
-    items = []
+    """The files of one IMDb split: each class's sorted files in a fixed shuffled order, then the
+    two classes interleaved (neg, pos, neg, pos, ...), so every prefix is balanced."""
+    per_class = []
     for cls, label in (("neg", 0), ("pos", 1)):
         folder = require_dir(base / split / cls, "IMDb folder")
         files = sorted(p for p in folder.iterdir() if p.suffix == ".txt" and p.is_file())
         if not files:
             raise data_error(folder, None, "review files *.txt", "an empty folder")
-        items += [(p, label) for p in files]
-    perm = fixed_permutation(len(items))
-    return [items[j] for j in perm]
+        per_class.append([(files[j], label) for j in fixed_permutation(len(files))])
+    longest = max(len(c) for c in per_class)
+    return [c[i] for i in range(longest) for c in per_class if i < len(c)]
 
 
 def _read(items: list[tuple[Path, int]], limit: int | None, max_len: int) -> tuple[Ragged, list[int]]:
