@@ -153,6 +153,12 @@ def test_generated_labels_are_balanced(name):
     assert counts.max() - counts.min() <= 1
 
 
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_empty_splits_are_allowed(name):
+    splits = get_task(name).datasets(seed=0, **{**SMALL[name], "num_val": 0, "num_test": 0})
+    assert len(splits["val"]) == len(splits["test"]) == 0 and len(splits["train"]) == SMALL[name]["num_train"]
+
+
 def test_max_len_truncates_image_tokens():
     ds = get_task("image").datasets(seed=0, max_len=100, num_train=3, num_val=1, num_test=1)["train"]
     full = get_task("image").datasets(seed=0, num_train=3, num_val=1, num_test=1)["train"]

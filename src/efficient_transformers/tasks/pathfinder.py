@@ -286,7 +286,9 @@ class _Canvas:
 
     def __init__(self, rng: np.random.Generator, size: int, g: dict):
         self.rng, self.size, self.g = rng, size, g
-        self.clear = g["paddle_thickness"] + g["paddle_margin"]  # min distance between different snakes
+        # centre-line distance kept between different snakes: their edges are twice as far apart as
+        # the gaps between the paddles of one snake
+        self.clear = g["paddle_thickness"] + 2 * g["paddle_margin"]
         self.pad = max(1.0, g["marker_radius"])  # keep paths this far from the border
         self.res = 4 if size <= 64 else 2
         self.blocked = np.zeros((size * self.res, size * self.res), dtype=bool)  # (G, G)
@@ -294,7 +296,7 @@ class _Canvas:
         dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
         keep = dy**2 + dx**2 <= (self.clear * self.res) ** 2
         self.disk = (dy[keep], dx[keep])  # offsets of the clearance disc, in cells
-        self.n_samples = int(np.ceil(g["paddle_length"] / 0.4)) + 1
+        self.n_samples = int(np.ceil(g["paddle_length"] / (self.clear / 4))) + 1  # sample points per paddle
         self.points: list[np.ndarray] = []  # sample points of each placed snake
         self.segments: list[tuple[np.ndarray, np.ndarray]] = []
         self.ends: list[tuple[np.ndarray, np.ndarray]] = []  # (start, end) point of each snake
@@ -412,6 +414,14 @@ def _render(size: int, segments: list, markers: list, thickness: float, radius: 
 def draw_pathfinder(rng: np.random.Generator, label: int, size: int = 32, contour_length: int = 14,
                     **geometry) -> np.ndarray:
     """One (size, size) uint8 image; ``label`` 1 = the markers are joined by one snake."""
+    return draw_scene(rng, label, size, contour_length, **geometry)[0]
+
+
+def draw_scene(rng: np.random.Generator, label: int, size: int = 32, contour_length: int = 14,
+               **geometry) -> tuple[np.ndarray, dict]:
+    """`draw_pathfinder` plus the scene: ``markers`` (two (x, y) centres), ``marker_snakes`` (the
+    index of the snake each marker sits on), ``snakes`` (sample points along each snake's paddles,
+    the two long ones first) and ``geometry``."""
     g = preset(size)
     g.update({k: v for k, v in geometry.items() if v is not None})
     for _ in range(200):
@@ -434,12 +444,13 @@ def draw_pathfinder(rng: np.random.Generator, label: int, size: int = 32, contou
                        and cv.marker_clear(m2, s2)), None)
         if chosen is None:
             continue
-        m1, _, m2, _ = chosen
+        m1, s1, m2, s2 = chosen
         cv.add_obstacle(m1)
         cv.add_obstacle(m2)
         for _ in range(int(g["num_distractors"])):
             cv.add_snake(max(1, contour_length // 3), shapes=8)  # a distractor that does not fit is left out
-        return _render(size, cv.segments, [m1, m2], g["paddle_thickness"], g["marker_radius"])
+        image = _render(size, cv.segments, [m1, m2], g["paddle_thickness"], g["marker_radius"])
+        return image, {"markers": (m1, m2), "marker_snakes": (s1, s2), "snakes": cv.points, "geometry": g}
     raise ValueError(f"pathfinder: could not place the paths in a {size}x{size} image with {g}; "
                      "use a larger size or shorter contours")
 
@@ -479,11 +490,16 @@ class PathfinderTask(Task):
             raise ValueError(f"pathfinder: size must be an int >= 16, got {size!r}")
         if not isinstance(contour_length, int) or contour_length < 2:
             raise ValueError(f"pathfinder: contour_length must be an int >= 2, got {contour_length!r}")
+        for key, value in geometry.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
+                                      or (key == "num_distractors" and not isinstance(value, int))):
+                raise ValueError(f"pathfinder: {key} must be a non-negative number (an int for num_distractors), "
+                                 f"got {value!r}")
         out = {}
         for split in ("train", "val", "test"):
             images, labels = generate_images(split_rng(seed, self.name, split), sizes[split], size, contour_length,
                                              **geometry)
-            out[split] = ClassificationDataset(Ragged.from_matrix(images.reshape(len(images), -1)), labels, shift=1,
+            out[split] = ClassificationDataset(Ragged.from_matrix(images.reshape(len(images), size * size)), labels, shift=1,
                                                max_len=max_len)
         return out
 

@@ -1,0 +1,240 @@
+"""Pathfinder: the generated label is the connectivity seen in the pixels; the LRA layout loader; the
+built-in PNG decoder."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from efficient_transformers.tasks import get_task
+from efficient_transformers.tasks import pathfinder as P
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def markers_joined(image: np.ndarray, scene: dict, threshold: int, grow: int) -> bool:
+    """Flood fill over ink pixels (> threshold, grown by ``grow`` pixels to close the dashes) from
+    the first marker; is the second marker reached?"""
+    ink = image > threshold
+    for _ in range(grow):
+        ink = dilate(ink)
+    (x1, y1), (x2, y2) = (np.floor(m).astype(int) for m in scene["markers"])
+    assert ink[y1, x1] and ink[y2, x2]
+    reach = np.zeros_like(ink)
+    reach[y1, x1] = True
+    while True:
+        new = dilate(reach) & ink
+        if (new == reach).all():
+            return bool(reach[y2, x2])
+        reach = new
+
+
+@pytest.mark.parametrize("size, threshold, grow, n", [(32, 0, 0, 40), (128, 60, 1, 16)])
+def test_label_is_the_connectivity_in_the_pixels(size, threshold, grow, n):
+    rng = np.random.default_rng(11)
+    for i in range(n):
+        label = i % 2
+        image, scene = P.draw_scene(rng, label, size)
+        assert image.shape == (size, size) and image.dtype == np.uint8
+        assert markers_joined(image, scene, threshold, grow) == bool(label), i
+
+
+def test_scene_geometry():
+    rng = np.random.default_rng(2)
+    for i in range(30):
+        label = i % 2
+        _, scene = P.draw_scene(rng, label, 32)
+        g = scene["geometry"]
+        snakes, (m1, m2), (s1, s2) = scene["snakes"], scene["markers"], scene["marker_snakes"]
+        assert len(snakes) >= 2 and (s1 == s2) == bool(label)
+        assert np.linalg.norm(m1 - m2) >= g["seed_distance"]
+        for m, s in ((m1, s1), (m2, s2)):  # markers sit on an end of their snake
+            assert min(np.linalg.norm(m - snakes[s][0]), np.linalg.norm(m - snakes[s][-1])) < 1e-9
+        clear = g["paddle_thickness"] + 2 * g["paddle_margin"]
+        for a in range(len(snakes)):
+            for b in range(a + 1, len(snakes)):
+                d = np.linalg.norm(snakes[a][:, None] - snakes[b][None], axis=-1).min()
+                assert d >= 0.7 * clear, (i, a, b, d)
+
+
+def test_classes_have_the_same_ink():
+    ds = get_task("pathfinder").datasets(seed=0, num_train=120, num_val=0, num_test=0)["train"]
+    ink = np.array([ds[i]["tokens"].double().mean().item() for i in range(len(ds))])
+    labels = ds.labels
+    assert abs(ink[labels == 1].mean() - ink[labels == 0].mean()) < 0.05 * ink.mean()
+
+
+def test_path_x_size_and_default_length():
+    ds = get_task("pathfinder").datasets(seed=0, size=64, num_train=2, num_val=1, num_test=1)["train"]
+    assert len(ds[0]["tokens"]) == 64 * 64  # max_len=None keeps the whole image
+    with pytest.raises(ValueError, match="size"):
+        get_task("pathfinder").datasets(size=8, num_train=1, num_val=1, num_test=1)
+    with pytest.raises(ValueError, match="paddle_length"):
+        get_task("pathfinder").datasets(paddle_length="long", num_train=1, num_val=1, num_test=1)
+
+
+# -- PNG ---------------------------------------------------------------------------------------
+
+
+def png_with_filters(pixels: np.ndarray, color_type: int) -> bytes:
+    """A PNG whose rows use filter types 0, 1, 2, 3, 4 in turn (forward filters written out)."""
+    height, width = pixels.shape[:2]
+    bpp = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+    rows = pixels.reshape(height, width * bpp).astype(np.int64)
+    out = b""
+    prev = np.zeros(width * bpp, dtype=np.int64)
+    for r in range(height):
+        ftype = r % 5
+        cur = rows[r]
+        left = np.concatenate([np.zeros(bpp, dtype=np.int64), cur[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, dtype=np.int64), prev[:-bpp]])
+        if ftype == 0:
+            f = cur
+        elif ftype == 1:
+            f = cur - left
+        elif ftype == 2:
+            f = cur - prev
+        elif ftype == 3:
+            f = cur - (left + prev) // 2
+        else:
+            pred = [P._paeth(int(a), int(b), int(c)) for a, b, c in zip(left, prev, upleft)]
+            f = cur - np.array(pred)
+        out += bytes([ftype]) + (f % 256).astype(np.uint8).tobytes()
+        prev = cur
+
+    def chunk(t, body):
+        return struct.pack(">I", len(body)) + t + body + struct.pack(">I", zlib.crc32(t + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(out)) + chunk(b"IEND", b""))
+
+
+def test_builtin_png_decoder_handles_every_filter():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, size=(11, 7), dtype=np.uint8)
+    assert np.array_equal(P.decode_png_builtin(png_with_filters(gray, 0)), gray)
+    ga = np.stack([gray, 255 - gray], axis=-1)
+    assert np.array_equal(P.decode_png_builtin(png_with_filters(ga, 4)), gray)
+    rgb = rng.integers(0, 256, size=(9, 6, 3), dtype=np.uint8)
+    expected = np.floor(rgb.astype(float) @ np.array([0.299, 0.587, 0.114]) + 0.5).astype(np.uint8)
+    assert np.array_equal(P.decode_png_builtin(png_with_filters(rgb, 2)), expected)
+    assert np.array_equal(P.decode_png_builtin(P.encode_png(gray)), gray)
+
+
+def test_builtin_decoder_agrees_with_pillow(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(1)
+    gray = (rng.random((32, 32)) ** 3 * 255).astype(np.uint8)
+    path = tmp_path / "g.png"
+    PIL.fromarray(gray, mode="L").save(path, optimize=True)
+    assert np.array_equal(P.decode_png_builtin(path.read_bytes()), gray)
+    assert np.array_equal(P.read_png(path), gray)
+
+
+def test_builtin_decoder_rejects_bad_data():
+    with pytest.raises(ValueError, match="signature"):
+        P.decode_png_builtin(b"GIF89a....")
+    data = P.encode_png(np.zeros((4, 4), np.uint8))
+    sixteen_bit = data.replace(struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0), struct.pack(">IIBBBBB", 4, 4, 16, 0, 0, 0, 0))
+    with pytest.raises(ValueError, match="bit depth 16"):
+        P.decode_png_builtin(sixteen_bit)
+
+
+# -- the LRA layout loader ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fifty_images():
+    return P.generate_images(np.random.default_rng(5), 50)
+
+
+@pytest.fixture()
+def layout(tmp_path, fifty_images):
+    images, labels = fifty_images
+    root = tmp_path / "pathfinder32" / "curv_contour_length_14"
+    P.write_layout(root, images, labels, per_file=12)  # metadata/0.npy .. 4.npy
+    return tmp_path, root, images, labels
+
+
+def test_layout_round_trip_and_splits(layout):
+    parent, root, images, labels = layout
+    splits = get_task("pathfinder").datasets(root)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [40, 5, 5]  # 80 / 10 / 10
+    by_pixels = {images[i].tobytes(): int(labels[i]) for i in range(len(images))}
+    seen = []
+    for split in ("train", "val", "test"):
+        for i in range(len(splits[split])):
+            item = splits[split][i]
+            pixels = (item["tokens"].numpy() - 1).astype(np.uint8)
+            assert len(pixels) == 1024 and item["tokens"].min() >= 1
+            assert by_pixels[pixels.tobytes()] == item["label"]
+            seen.append(pixels.tobytes())
+    assert sorted(seen) == sorted(by_pixels)  # every image exactly once
+    # the parent folder with a difficulty name finds the same data
+    again = get_task("pathfinder").datasets(parent / "pathfinder32", difficulty="hard", num_train=3, max_len=100)
+    assert len(again["train"]) == 3 and len(again["train"][0]["tokens"]) == 100
+    assert again["train"][0]["tokens"].tolist() == splits["train"][0]["tokens"][:100].tolist()
+
+
+def test_metadata_order_is_numeric(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = P.generate_images(rng, 24)
+    P.write_layout(tmp_path, images, labels, per_file=2)  # metadata/0.npy .. 11.npy ("10" < "2" as text)
+    paths, read_labels = P.read_metadata(tmp_path)
+    assert [p.name for p in paths] == [f"sample_{i}.png" for i in range(24)]
+    assert read_labels == [int(y) for y in labels]
+
+
+def test_real_npy_metadata_is_read_without_pickle(layout):
+    _, root, images, labels = layout
+    rows = []
+    for f in sorted((root / "metadata").glob("*.npy"), key=lambda p: int(p.stem)):
+        rows += [line.split() for line in f.read_text().splitlines()]
+        f.unlink()
+    np.save(root / "metadata" / "0.npy", np.array(rows))
+    splits = get_task("pathfinder").datasets(root)
+    assert sum(len(d) for d in splits.values()) == 50
+
+
+@pytest.mark.parametrize("line, what", [
+    ("imgs/0 sample_0.png 0\n", "at least 4 fields"),
+    ("imgs/0 sample_0.png 0 7\n", "label 0 or 1"),
+])
+def test_malformed_metadata_names_file_and_line(layout, line, what):
+    _, root, _, _ = layout
+    meta = root / "metadata" / "2.npy"
+    meta.write_text(meta.read_text() + line)
+    with pytest.raises(ValueError) as e:
+        get_task("pathfinder").datasets(root)
+    assert "2.npy:13" in str(e.value) and what in str(e.value)
+
+
+def test_missing_image_and_metadata(layout):
+    parent, root, _, _ = layout
+    (root / "imgs" / "1" / "sample_20.png").unlink()
+    with pytest.raises(FileNotFoundError, match="sample_20.png"):
+        get_task("pathfinder").datasets(root)
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        get_task("pathfinder").datasets(parent / "pathfinder32", difficulty="easy")
+    with pytest.raises(ValueError, match="difficulty"):
+        get_task("pathfinder").datasets(parent, difficulty="impossible")
+
+
+def test_corrupt_png_is_named(layout):
+    _, root, _, _ = layout
+    paths, _ = P.read_metadata(root)
+    splits = get_task("pathfinder").datasets(root)
+    target = splits["val"].paths[0]
+    target.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match=target.name):
+        splits["val"][0]
