@@ -280,6 +280,7 @@ class Trainer:
 
     def _checkpoint(self, elapsed: float) -> None:
         rng = self._rng_states()
+        window = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor()))  # all processes' sums
         if not self.env.is_main:
             return
         ckpt.stage(self.out_dir, ckpt.MODEL_FILE, self._weights_bytes())
@@ -298,8 +299,8 @@ class Trainer:
             "data_position": self.plan.position(self.step * self.config.accum).to_json(),
             "best": self.best,
             "rng": rng,
-            "train_window": {"loss_sum": self.window.loss_sum, "correct": self.window.correct,
-                             "count": self.window.count, "steps": self.window_steps},
+            "train_window": {"loss_sum": window.loss_sum, "correct": window.correct, "count": window.count,
+                             "steps": self.window_steps},
             "metrics_bytes": self.metrics.size(),
             "elapsed": elapsed,
             "files": files,
@@ -329,8 +330,9 @@ class Trainer:
         self.step, self.best, self.elapsed_before = state["step"], state["best"], state["elapsed"]
         if self.step > self.config.steps:
             raise ValueError(f"--resume: the checkpoint is at step {self.step}, beyond --steps {self.config.steps}")
-        window = state["train_window"]
-        self.window = BatchStats(window["loss_sum"], window["correct"], window["count"])
+        window = state["train_window"]  # summed over processes: rank 0 carries it, the others start at zero
+        if self.env.is_main:
+            self.window = BatchStats(window["loss_sum"], window["correct"], window["count"])
         self.window_steps = window["steps"]
         position = self.plan.position(self.step * self.config.accum).to_json()
         if position != state["data_position"]:
