@@ -1,0 +1,80 @@
+"""The isolated memory probe: it must see a quadratic toy's N^2 memory that vanilla's fused kernel
+avoids, give the same figure whatever ran before it, and turn every failure into a verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import efficient_transformers as et
+from efficient_transformers.bench import analysis, harness
+from efficient_transformers.bench.memory import ProbeServer
+
+TOYS = Path(__file__).with_name("bench_toy_layers.py")
+DIM, HEADS = 64, 4
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ProbeServer(threads=1) as probe_server:
+        yield probe_server
+
+
+def probe(server, n, *, toy=None, mode="train", timeout_s=60.0):
+    work = harness.Workload(mechanism=toy or "vanilla", seq_len=n, mode=mode, dim=DIM, heads=HEADS,
+                            factory=f"{TOYS}:{toy}" if toy else None)
+    return server.measure(work.to_json(), timeout_s)
+
+
+def test_probe_catches_quadratic_memory_that_vanilla_avoids(server):
+    lengths = (512, 1024, 2048)
+    toy = {n: probe(server, n, toy="quadratic") for n in lengths}
+    vanilla = {n: probe(server, n) for n in lengths}
+    assert all(a["status"] == "ok" for a in [*toy.values(), *vanilla.values()]), (toy, vanilla)
+    toy_slope = analysis.fit_loglog_slope([(n, a["peak_mem_mb"]) for n, a in toy.items()])
+    vanilla_slope = analysis.fit_loglog_slope([(n, a["peak_mem_mb"]) for n, a in vanilla.items()])
+    assert toy_slope > 1.7, toy
+    assert vanilla_slope < 1.3, vanilla
+    # The toy keeps at least its (B, H, N, N) float32 probabilities for the backward pass.
+    scores_mib = HEADS * 2048**2 * 4 / 2**20
+    assert toy[2048]["peak_mem_mb"] >= scores_mib
+    assert vanilla[2048]["peak_mem_mb"] < scores_mib / 4
+    # FLOPs are counted in the same child: the projections (x3 for forward + backward) and the fused
+    # attention, 2 products forward (4 B H N^2 d) and 5 backward (the scores are recomputed).
+    n = 2048
+    projections = 2 * n * DIM * 3 * DIM + 2 * n * DIM * DIM
+    attention = 4 * HEADS * n * n * (DIM // HEADS)
+    assert vanilla[n]["flops"] == 3 * projections + attention * 7 // 2
+    assert "quadratic" not in [c.name for c in et.mechanisms()]
+
+
+def test_probe_is_isolated_from_previous_configurations(server):
+    alone = probe(server, 512, toy="quadratic")["peak_mem_mb"]
+    probe(server, 2048, toy="quadratic")  # frees 100+ MiB that a shared process would reuse
+    after_big = probe(server, 512, toy="quadratic")["peak_mem_mb"]
+    assert after_big == pytest.approx(alone, rel=0.15)
+    assert alone >= HEADS * 512**2 * 4 / 2**20
+
+
+@pytest.mark.parametrize(
+    ("toy", "status", "message"),
+    [
+        ("sleeper", "timeout", "limit of 2 s"),
+        ("allocation_failure", "oom", "can't allocate memory"),
+        ("broken", "error", "ZeroDivisionError: toy failure"),
+        ("killed", "oom", "SIGKILL"),
+    ],
+)
+def test_probe_turns_failures_into_verdicts(server, toy, status, message):
+    answer = probe(server, 64, toy=toy, mode="forward", timeout_s=2.0)
+    assert answer["status"] == status
+    assert message in answer["error"]
+    assert probe(server, 64, mode="forward")["status"] == "ok"  # the server carries on
+
+
+def test_unsupported_combination_is_a_verdict_not_a_crash(server):
+    work = harness.Workload(mechanism="vanilla", seq_len=64, mode="forward", options={"no_such_option": 1})
+    answer = server.measure(work.to_json(), 30.0)
+    assert answer["status"] == "unsupported"
+    assert "no_such_option" in answer["error"] and "allowed options" in answer["error"]
