@@ -123,7 +123,7 @@ class ByteLMTask(Task):
 
     def _windows(self, root: Path, window: int, sizes: dict, extensions) -> dict:
         exts = _normalize_extensions(extensions)
-        need = {s: None if n is None else n * window + 1 for s, n in sizes.items()}
+        need = {s: None if n is None else (n * window + 1 if n else 0) for s, n in sizes.items()}  # bytes
         streams = read_corpus(root, exts, need)
         out = {s: WindowDataset(streams[s], window, limit=sizes[s]) for s in streams}
         for split, ds in out.items():

@@ -23,18 +23,28 @@ decoder does (8-bit, non-interlaced). ``max_len=None`` keeps whole images.
 
 Generator (``data_dir=None``), written from the description of Linsley's generator, not its code:
 every image holds two long dashed "snakes" of ``contour_length`` paddles (short line segments of
-``paddle_length`` separated by gaps of ``paddle_margin``, each turning by at most
-``continuity`` x 20 degrees from the previous one) and ``num_distractors`` short ones of
+``paddle_length`` separated by gaps of ``paddle_margin``, each turning from the previous one by a
+random angle of at most ``max_turn`` degrees) and ``num_distractors`` short ones of
 ``contour_length // 3`` paddles. Two circular markers of radius ``marker_radius`` sit on snake ends:
 both ends of the same long snake (label 1) or one end of each long snake (label 0), at least
-``seed_distance`` apart, so the two classes have the same amount of ink and markers at path ends
-in both. Snakes never touch each other or the markers of other snakes (a clearance is kept), so
-the label is exactly the connectivity. Rendering is anti-aliased by supersampling. Differences from
-Linsley's generator: lengths are in output pixels, there is no contrast jitter, and the geometry
-is approximate. Presets follow the LRA settings: size 32 (``paddle_length`` 2, ``paddle_margin``
-1, ``paddle_thickness`` 0.75, ``marker_radius`` 1.5, ``seed_distance`` 7, ``continuity`` 1.0,
-5 distractors) and size 128 (5, 2.5, 1.5, 3, 20, 1.8, 8); other sizes scale the 32 preset. Labels
-are balanced.
+``seed_distance`` apart, so both classes have the same amount of ink and markers at path ends.
+Different snakes keep a centre-line clearance of ``paddle_thickness + 2 * paddle_margin`` from each
+other and from the markers (checked on sample points along the paddles, so up to about a quarter
+less in the worst case): their edges are about ``2 * paddle_margin`` apart, wider than the gaps
+inside a snake (``paddle_margin - paddle_thickness``, as paddle ends are round), and the label is
+exactly the connectivity (tested on the pixels). Snakes are placed by drawing a random shape and trying many rotations and
+translations of it at once against an occupancy grid; a distractor that does not fit is left out.
+Rendering is anti-aliased by supersampling, ink white (255) on black (0).
+
+Differences from Linsley's generator: lengths are in output pixels; curvature is bounded by
+``max_turn`` (LRA's ``continuity`` setting is not reproduced); no contrast jitter; approximate
+geometry. Presets, with LRA's values where marked (used with this generator's meaning of the
+names; other sizes scale the 32 preset): size 32 - ``paddle_length`` 1.5,
+``paddle_margin`` 0.75, ``paddle_thickness`` 0.75, ``marker_radius`` 1.5 (LRA), ``seed_distance``
+7 (LRA), ``max_turn`` 40, 5 distractors (LRA: 20 // (14 // 3)); size 128 (Path-X) - 5, 2.5,
+1.5 (LRA), 3 (LRA), 20 (LRA), 30, 8 distractors (LRA: 35 // (14 // 3)). LRA's own 32x32
+paddle length (2) and gap (1) do not leave room for two 14-paddle snakes here. Labels are balanced;
+defaults 1000 / 200 / 200 images (about 5 ms each at 32x32).
 """
 
 from __future__ import annotations
