@@ -83,7 +83,7 @@ def test_errors_name_the_folder(tmp_path):
         get_task("byte_lm").datasets(empty)
     with pytest.raises(ValueError, match="extensions"):
         get_task("byte_lm").datasets(tmp_path, extensions=[])
-    files = make_corpus(tmp_path / "c")
+    make_corpus(tmp_path / "c")
     with pytest.raises(ValueError, match="at least one window"):
         get_task("byte_lm").datasets(tmp_path / "c", max_len=10_000)
 

@@ -196,3 +196,27 @@ def test_pad_sequences_and_ragged():
     assert len(r) == 3 and r[0].tolist() == [1, 2] and r[1].tolist() == [] and r[2].tolist() == [3]
     with pytest.raises(ValueError, match="empty"):
         get_task("text").collate([])
+
+
+def test_tasks_import_nothing_else_from_the_package():
+    """Tasks only make and load data: no imports of models, attention, bench, train, core, ..."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import efficient_transformers.tasks as pkg
+
+    allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "PIL"}
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only siblings inside tasks/
+                    assert node.level == 1, f"{path.name}:{node.lineno} reaches outside tasks/"
+                    continue
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for m in modules:
+                assert m.split(".")[0] in allowed, f"{path.name}:{node.lineno} imports {m}"

@@ -232,7 +232,6 @@ def test_missing_image_and_metadata(layout):
 
 def test_corrupt_png_is_named(layout):
     _, root, _, _ = layout
-    paths, _ = P.read_metadata(root)
     splits = get_task("pathfinder").datasets(root)
     target = splits["val"].paths[0]
     target.write_bytes(b"\x89PNG\r\n\x1a\n garbage")

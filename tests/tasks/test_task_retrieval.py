@@ -40,6 +40,14 @@ def test_codes_are_scattered_and_documents_fit(pairs):
     assert np.mean(lasts) > 0.6 and np.mean(firsts) < 0.4
 
 
+def test_short_documents_keep_every_code():
+    ds = get_task("retrieval").datasets(seed=0, max_len=48, num_train=50, num_val=0, num_test=0)["train"]
+    for i in range(len(ds)):
+        d1, d2 = decode_bytes(ds[i]["tokens"]), decode_bytes(ds[i]["tokens2"])
+        assert len(d1) <= 48 and len(R.signature(d1)) == len(R.signature(d2)) == R.SIGNATURE_SIZE
+        assert (R.signature(d1) == R.signature(d2)) == bool(ds[i]["label"])
+
+
 def test_codes_are_distinct():
     assert len(set(R.CODES)) == len(R.CODES) == 32
 

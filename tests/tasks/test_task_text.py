@@ -60,9 +60,19 @@ def test_lengths_and_bytes(docs):
     assert all(t.isascii() for t, _ in docs)
 
 
+@pytest.mark.parametrize("max_len", [64, 100, 263])
+def test_short_documents_keep_every_cue(max_len):
+    ds = get_task("text").datasets(seed=0, max_len=max_len, num_train=200, num_val=0, num_test=0)["train"]
+    for i in range(len(ds)):
+        text = decode_bytes(ds[i]["tokens"])
+        assert len(text) <= max_len and T.cue_label(text) == ds[i]["label"]
+
+
 def test_generator_rejects_too_short_max_len():
     with pytest.raises(ValueError, match="max_len"):
-        get_task("text").datasets(max_len=100, num_train=2, num_val=1, num_test=1)
+        get_task("text").datasets(max_len=40, num_train=2, num_val=1, num_test=1)
+    with pytest.raises(ValueError, match="max_len"):
+        get_task("retrieval").datasets(max_len=40, num_train=2, num_val=1, num_test=1)
 
 
 # -- the IMDb loader ---------------------------------------------------------------------------

@@ -145,7 +145,7 @@ class Ragged:
         return np.diff(self.offsets)
 
 
-def _index(i: int, n: int) -> int:
+def check_index(i: int, n: int) -> int:
     if not isinstance(i, (int, np.integer)):
         raise TypeError(f"dataset index must be an int, got {type(i).__name__}")
     if i < 0:
@@ -174,7 +174,7 @@ class ClassificationDataset(Dataset):
         return len(self.tokens)
 
     def __getitem__(self, i: int) -> dict:
-        i = _index(i, len(self))
+        i = check_index(i, len(self))
         return {"tokens": _to_tensor(self.tokens[i], self.shift, self.max_len), "label": int(self.labels[i])}
 
 
@@ -193,7 +193,7 @@ class RetrievalDataset(Dataset):
         return len(self.tokens)
 
     def __getitem__(self, i: int) -> dict:
-        i = _index(i, len(self))
+        i = check_index(i, len(self))
         return {
             "tokens": _to_tensor(self.tokens[i], self.shift, self.max_len),
             "tokens2": _to_tensor(self.tokens2[i], self.shift, self.max_len),
@@ -217,7 +217,7 @@ class WindowDataset(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        i = _index(i, self.n)
+        i = check_index(i, self.n)
         start = i * self.window
         chunk = torch.from_numpy(self.stream[start : start + self.window + 1].astype(np.int64)) + 1  # (L+1,)
         return {"tokens": chunk[:-1], "targets": chunk[1:]}  # (L,), (L,)

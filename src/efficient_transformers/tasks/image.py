@@ -29,7 +29,6 @@ import numpy as np
 
 from .base import (
     BYTE_VOCAB,
-    GENERATE,
     ClassificationDataset,
     Ragged,
     Task,

@@ -65,13 +65,13 @@ from .base import (
     Ragged,
     Task,
     balanced_labels,
+    check_index,
     data_error,
     fixed_permutation,
     missing_file,
     register_task,
     require_dir,
     split_rng,
-    _index,
 )
 
 DIFFICULTY = {"easy": "curv_baseline", "intermediate": "curv_contour_length_9", "hard": "curv_contour_length_14"}
@@ -258,7 +258,7 @@ class PathfinderFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        i = _index(i, len(self))
+        i = check_index(i, len(self))
         pixels = read_png(self.paths[i]).reshape(-1)  # (H*W,)
         if self.max_len is not None:
             pixels = pixels[: self.max_len]

@@ -16,7 +16,7 @@ Generator (``data_dir=None``) — a SYNTHETIC stand-in: each document is neutral
 random positions through it. A linked pair (label 1) carries the same four codes in both documents;
 an unlinked pair (label 0) shares 0-3 of them, so deciding needs every code of both documents.
 Document lengths are uniform in ``[min_len, max_len]`` (``min_len`` defaults to ``max_len // 2``;
-``max_len`` must be at least 128). Labels are balanced.
+``max_len`` must be at least 48). Labels are balanced.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .text import FILLER
 _SYLLABLES = [c + v for c in "bdgkmnprstvz" for v in "aeiou"]  # 60 syllables
 CODES = tuple(f"[ref:{_SYLLABLES[i]}{_SYLLABLES[(7 * i + 11) % 60]}]" for i in range(32))
 SIGNATURE_SIZE = 4
-MIN_GENERATED_LEN = 128
+MIN_GENERATED_LEN = 48  # four codes of 10 bytes and their spaces
 SPLIT_FILES = {"train": "train", "val": "eval", "test": "test"}
 
 

@@ -12,11 +12,12 @@ in that order; ``num_*`` caps take prefixes. Files are read as bytes, without de
 
 Generator (``data_dir=None``) — a SYNTHETIC stand-in, not IMDb: each document is noise text made of
 neutral English words with a few sentiment cue words scattered uniformly through it. The majority
-class has 5-11 cue words and the minority 1-3 fewer; the label is the class with more cue words.
+class has 5-11 cue words (fewer when ``max_len`` < 264: at most one per 24 bytes of ``max_len``)
+and the minority 1-3 fewer; the label is the class with more cue words.
 Because the margin is small and the cues are spread over the whole document, a prefix (say the
 first 10%) says almost nothing about the label, while counting over the whole text gives it
 exactly. Lengths are uniform in ``[min_len, max_len]`` bytes (``min_len`` defaults to
-``max_len // 2``; ``max_len`` must be at least 256 so the cues always fit). Labels are balanced.
+``max_len // 2``; ``max_len`` must be at least 64). Labels are balanced.
 """
 
 from __future__ import annotations
@@ -56,13 +57,21 @@ comedy western thriller mystery romance documentary animation feature moment pla
 country river forest train car letter phone door window table room garden school office doctor
 soldier police king queen village island summer winter""".split())
 
-MIN_GENERATED_LEN = 256
+MIN_GENERATED_LEN = 64
+CUE_BYTES = 24  # at most one majority cue per CUE_BYTES of max_len, so every cue always fits
 
 
-def generate_review(rng: np.random.Generator, label: int, length: int) -> bytes:
-    """One synthetic document of about ``length`` bytes (never more) whose label is ``label``."""
-    n_major = int(rng.integers(5, 12))  # 5..11
-    n_minor = n_major - int(rng.integers(1, 4))  # 1..3 fewer
+def max_cues(max_len: int) -> int:
+    """The most majority-class cues a document of at most ``max_len`` bytes gets (11 from 264 on)."""
+    return min(11, max(2, max_len // CUE_BYTES))
+
+
+def generate_review(rng: np.random.Generator, label: int, length: int, most: int = 11) -> bytes:
+    """One synthetic document of about ``length`` bytes (never more, unless the cues alone are
+    longer) whose label is ``label``; the majority class has ``most - 6`` to ``most`` cues (at
+    least 2) and the minority 1 to 3 fewer."""
+    n_major = int(rng.integers(max(2, most - 6), most + 1))
+    n_minor = n_major - int(rng.integers(1, min(3, n_major) + 1))
     counts = (n_minor, n_major) if label == 1 else (n_major, n_minor)
     cues = [CUES[c][k] for c in (0, 1) for k in rng.integers(0, len(CUES[c]), size=counts[c])]
     cue_bytes = sum(len(w) + 1 for w in cues)
@@ -103,7 +112,8 @@ def cue_label(text: bytes) -> int | None:
 
 def generate_reviews(rng: np.random.Generator, n: int, min_len: int, max_len: int) -> tuple[list[bytes], np.ndarray]:
     labels = balanced_labels(rng, n, 2)
-    docs = [generate_review(rng, int(y), int(rng.integers(min_len, max_len + 1))) for y in labels]
+    most = max_cues(max_len)
+    docs = [generate_review(rng, int(y), int(rng.integers(min_len, max_len + 1)), most) for y in labels]
     return docs, labels
 
 
