@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from efficient_transformers.tasks import get_task, task_names
-from efficient_transformers.tasks.base import Ragged, pad_sequences
+from efficient_transformers.tasks.base import Ragged, decode_bytes, encode_bytes, pad_sequences
 
 EXPECTED = {
     # name: (kind, vocab_size, num_classes, default_max_len, metric)
@@ -185,6 +185,15 @@ def test_index_errors():
     with pytest.raises(IndexError):
         ds[len(ds)]
     assert torch.equal(ds[-1]["tokens"], ds[len(ds) - 1]["tokens"])
+
+
+def test_byte_encoding_round_trip():
+    data = bytes(range(256))
+    tokens = encode_bytes(data)
+    assert tokens.min() == 1 and tokens.max() == 256 and decode_bytes(tokens) == data
+    assert decode_bytes(torch.tensor([66, 67, 0, 0])) == b"AB"  # padding is dropped
+    with pytest.raises(ValueError):
+        decode_bytes([300])
 
 
 def test_pad_sequences_and_ragged():

@@ -53,12 +53,6 @@ def missing_file(path: str | Path, what: str = "file") -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found: {path}")
 
 
-def require_file(path: Path, what: str = "file") -> Path:
-    if not path.is_file():
-        raise missing_file(path, what)
-    return path
-
-
 def require_dir(path: Path, what: str = "folder") -> Path:
     if not path.is_dir():
         raise missing_file(path, what)
