@@ -108,6 +108,25 @@ def test_generator_matches_lra_statistics(lra_splits, generated):
     assert np.bincount(ours_lab, minlength=10).min() > 0
 
 
+# A 16-row excerpt of the LRA sample's basic_val.tsv (its shortest rows; made by LRA's own
+# generator), bundled so that the agreement with LRA is checked on every machine.
+EXCERPT = Path(__file__).parent / "data" / "lra_listops_excerpt.tsv"
+
+
+def test_bundled_lra_excerpt_loads_and_evaluates(tmp_path):
+    for split in ("train", "val", "test"):
+        (tmp_path / f"basic_{split}.tsv").write_bytes(EXCERPT.read_bytes())
+    ds = get_task("listops").datasets(tmp_path)["val"]
+    rows = read_rows(EXCERPT)
+    assert len(ds) == len(rows) == 16
+    for i, (src, tgt) in enumerate(rows):
+        words = words_of(ds[i]["tokens"])
+        assert words == src.replace("]", "X").replace("(", "").replace(")", "").split()
+        assert ds[i]["label"] == tgt == L.evaluate_tokens(words) == L.evaluate(src)
+        deepest, arities = structure(words)
+        assert deepest <= 9 and 2 <= min(arities) and max(arities) <= 10
+
+
 # -- the evaluator -----------------------------------------------------------------------------
 
 

@@ -291,13 +291,13 @@ def preset(size: int) -> dict:
 
 class _Canvas:
     """Snake placement on an occupancy grid (``res`` cells per pixel): cells within the clearance of
-    a placed snake (or marker) are blocked, and a candidate paddle fits when none of the sample
-    points along it falls in a blocked cell or outside the border padding."""
+    a placed snake (or marker) are blocked, and a candidate snake fits when none of the sample
+    points along its paddles falls in a blocked cell or outside the border padding."""
 
     def __init__(self, rng: np.random.Generator, size: int, g: dict):
         self.rng, self.size, self.g = rng, size, g
-        # centre-line distance kept between different snakes: their edges are twice as far apart as
-        # the gaps between the paddles of one snake
+        # centre-line distance kept between different snakes: their edges end up about
+        # 2 * paddle_margin apart, wider than the gaps between the paddles of one snake
         self.clear = g["paddle_thickness"] + 2 * g["paddle_margin"]
         self.pad = max(1.0, g["marker_radius"])  # keep paths this far from the border
         self.res = 4 if size <= 64 else 2
