@@ -89,7 +89,10 @@ def markdown(result: dict[str, Any]) -> str:
                                      f"time budget {config['time_budget_s']:g} s, samples of >= {config['sample_min_s'] * 1e3:g} ms"),
         ("limit per configuration", f"{config['timeout_s']:g} s"),
         ("matrix-multiply rate", f"{_num(config['matmul_gflops'])} GFLOP/s (best float32 torch.matmul "
-                                 f"{(config.get('matmul_probe') or {}).get('size', '?')}^3 over {config['matmul_probe_s']:g} s)"),
+                                 f"{(config.get('matmul_probe') or {}).get('size', '?')}^3 over {config['matmul_probe_s']:g} s "
+                                 f"at start-up and {config['matmul_probe_s'] / 10:g} s before every block)"),
+        ("load average at start, end", f"{_num(config.get('load_average_start'))}, {_num(config.get('load_average_end'))} "
+                                       f"(1-minute, {config['cpu_count']} CPUs)"),
         ("peak memory", config["memory_method"] + "; " + config["memory_unit"]),
         ("FLOPs", config["flops_method"]),
         ("forward mode", config["forward_mode"]), ("train mode", config["train_mode"]),
@@ -110,15 +113,20 @@ def markdown(result: dict[str, Any]) -> str:
             "- **Crossover length**: the smallest measured N from which the mechanism is faster than vanilla at that "
             "N and at every larger measured N (faster: its paired time ratio is below 1, or vanilla did not run "
             "there); '—' when it is not faster at the largest length.",
+            f"- A time marked * is noisy: its samples spread by more than {config['noisy_spread']:.0%} of the median "
+            "(max - min); the machine was busy during those rounds.",
             "- Cells: OOM = out of memory, timeout = over the limit per configuration, error = raised an exception, "
             "n/a = the mechanism does not support this mode (e.g. causal); details at the end.", ""]
 
     for mode in modes:
         out += [f"## {MODE_TITLE[mode]}", ""]
         out += ["### Time per step, ms (speed-up over vanilla): the LRA Table 2 layout", ""]
+        def time_cell(r: dict[str, Any]) -> str:
+            noisy = "*" if (r.get("time_spread") or 0) > config["noisy_spread"] else ""
+            return f"{_num(r['time_ms'])}{noisy} ({_ratio(r['speedup_vs_vanilla'])})"
+
         out += [_table(["Model"] + [f"N={n}" for n in lengths],
-                       [[_label(config, m)] + [_cell(index.get((m, mode, n)),
-                                                     lambda r: f"{_num(r['time_ms'])} ({_ratio(r['speedup_vs_vanilla'])})")
+                       [[_label(config, m)] + [_cell(index.get((m, mode, n)), time_cell)
                                                for n in lengths] for m in names]), ""]
         out += ["### Peak memory, MiB (ratio to vanilla)", ""]
         out += [_table(["Model"] + [f"N={n}" for n in lengths],
@@ -130,7 +138,8 @@ def markdown(result: dict[str, Any]) -> str:
         def flops_cell(r: dict[str, Any]) -> str:
             if r["gflops_per_s"] is None:
                 return "—"
-            return f"{_num(r['gflops_per_s'])} ({r['matmul_fraction']:.0%}); {_num(r['flops'] / 1e9)}"
+            fraction = "" if r["matmul_fraction"] is None else f" ({r['matmul_fraction']:.0%})"
+            return f"{_num(r['gflops_per_s'])}{fraction}; {_num(r['flops'] / 1e9)}"
 
         out += [_table(["Model"] + [f"N={n}" for n in lengths],
                        [[_label(config, m)] + [_cell(index.get((m, mode, n)), flops_cell) for n in lengths]

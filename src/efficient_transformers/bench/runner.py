@@ -48,11 +48,13 @@ class Effort:
     budget_s: float
     timeout_s: float
     sample_min_s: float
-    matmul_probe_s: float
+    matmul_probe_s: float  # at start-up; a tenth of it again before every block (the best run counts)
 
 
 FULL_EFFORT = Effort(repeats=10, min_rounds=3, budget_s=15.0, timeout_s=300.0, sample_min_s=0.02, matmul_probe_s=1.0)
 QUICK_EFFORT = Effort(repeats=5, min_rounds=3, budget_s=1.5, timeout_s=30.0, sample_min_s=0.01, matmul_probe_s=0.3)
+NOISY_SPREAD = 0.25  # (max - min) / median of a row's samples above this: marked as noisy in the report
+BUSY_LOAD_FRACTION = 0.5  # load average above this fraction of the CPUs at start: a note says the machine is busy
 
 
 def run_benchmark(
@@ -173,6 +175,7 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
         "device": device,
         "device_name": device_name,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "quick": quick,
         "repeats": plan.repeats,
         "min_rounds": plan.min_rounds,
@@ -189,6 +192,7 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
         "forward_mode": "layer.eval() under torch.no_grad()",
         "train_mode": "layer.train(), forward + backward, x.requires_grad, parameter grads reset to None each step",
         "slope_points": analysis.SLOPE_POINTS,
+        "noisy_spread": NOISY_SPREAD,
         "slope_tolerance": analysis.SLOPE_TOLERANCE,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -226,12 +230,13 @@ class _Benchmark:
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         try:
+            self._note_machine_load("start")
             self.bar.update(description="measuring the matrix-multiply rate")
-            probe = harness.matmul_rate(self.config["device"], seconds=self.config["matmul_probe_s"])
-            self.config["matmul_gflops"], self.config["matmul_probe"] = probe["gflops"], probe
+            self._probe_matmul(self.config["matmul_probe_s"])
             with ProbeServer(threads=self.config["threads"]) as server:
                 for n in self.config["lengths"]:
                     for mode in self.config["modes"]:
+                        self._probe_matmul(self.config["matmul_probe_s"] / 10)
                         self.rows.extend(self._block(server, n, mode))
                         self._write_json(self._result())
             self.config["complete"] = True
@@ -241,6 +246,7 @@ class _Benchmark:
             raise
         finally:
             self.bar.close()
+            self._note_machine_load("end")
             self.config["wall_time_s"] = time.perf_counter() - started
             result = self._result()
             self.config["files"] = ["bench.json", "bench.md"] + report.write_plots(result, self.out, self.config["notes"])
@@ -249,7 +255,31 @@ class _Benchmark:
             self._write_json(result)
         return result
 
+    def _probe_matmul(self, seconds: float) -> None:
+        """The machine's matmul rate is the best of short probes at start-up and before every block: on a
+        shared machine a single probe can land in a busy moment."""
+        probe = harness.matmul_rate(self.config["device"], seconds=seconds)
+        previous = self.config["matmul_probe"] or {"samples_gflops": []}
+        probe["samples_gflops"] = previous["samples_gflops"] + [probe["gflops"]]
+        probe["gflops"] = max(probe["samples_gflops"])
+        self.config["matmul_gflops"], self.config["matmul_probe"] = probe["gflops"], probe
+
+    def _note_machine_load(self, when: str) -> None:
+        if not hasattr(os, "getloadavg"):
+            return
+        load = os.getloadavg()[0]
+        self.config[f"load_average_{when}"] = load
+        cpus = os.cpu_count() or 1
+        if when == "start" and self.config["device"] == "cpu" and load > BUSY_LOAD_FRACTION * cpus:
+            self.config["notes"].append(
+                f"the machine was busy at the start (1-minute load average {load:.1f} on {cpus} CPUs): other processes "
+                "compete for the cores, so times are inflated and noisy, multi-threaded small steps the most; "
+                f"`--threads 1` is steadier on a shared machine (this run: {self.config['threads']} thread(s))")
+
     def _result(self) -> dict[str, Any]:
+        for row in self.rows:
+            if row["gflops_per_s"] is not None:
+                row["matmul_fraction"] = row["gflops_per_s"] / self.config["matmul_gflops"]
         analysis.add_memory_ratios(self.rows)
         complexities = {n: c["complexity"] for n, c in self.config["cards"].items()}
         return {"config": self.config, "rows": self.rows, "summary": analysis.summarize(self.rows, complexities)}
@@ -325,6 +355,8 @@ class _Benchmark:
             median_s = harness.median_of(samples)
             row["time_ms"] = median_s * 1e3
             row["time_samples_ms"] = [None if s is None else s * 1e3 for s in samples]
+            present = [s for s in samples if s is not None]
+            row["time_spread"] = (max(present) - min(present)) / median_s
             row["rounds"] = sum(s is not None for s in samples)
             row["inner"] = timing.inner[name]
             ratio = harness.paired_ratio(samples, reference) if reference else None
@@ -332,7 +364,6 @@ class _Benchmark:
             row["speedup_vs_vanilla"] = 1.0 / ratio if ratio else None
             if row["flops"] is not None:
                 row["gflops_per_s"] = row["flops"] / median_s / 1e9
-                row["matmul_fraction"] = row["gflops_per_s"] / self.config["matmul_gflops"]
         self.bar.advance(len(rows))
 
 
@@ -341,7 +372,7 @@ def _empty_row(work: harness.Workload) -> dict[str, Any]:
         "mechanism": work.mechanism, "seq_len": work.seq_len, "mode": work.mode, "batch": work.batch,
         "dim": work.dim, "heads": work.heads, "dtype": work.dtype, "causal": work.causal, "device": work.device,
         "options": work.options, "status": "ok", "error": None,
-        "time_ms": None, "time_samples_ms": [], "rounds": 0, "inner": None,
+        "time_ms": None, "time_samples_ms": [], "time_spread": None, "rounds": 0, "inner": None,
         "time_ratio_vs_vanilla": None, "speedup_vs_vanilla": None,
         "peak_mem_mb": None, "mem_ratio_vs_vanilla": None,
         "flops": None, "gflops_per_s": None, "matmul_fraction": None,
@@ -351,7 +382,7 @@ def _empty_row(work: harness.Workload) -> dict[str, Any]:
 
 def _fail(row: dict[str, Any], status: str, message: str) -> None:
     row["status"], row["error"] = status, message
-    for key in ("time_ms", "time_ratio_vs_vanilla", "speedup_vs_vanilla", "gflops_per_s", "matmul_fraction"):
+    for key in ("time_ms", "time_spread", "time_ratio_vs_vanilla", "speedup_vs_vanilla", "gflops_per_s", "matmul_fraction"):
         row[key] = None
 
 
