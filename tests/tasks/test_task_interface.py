@@ -229,3 +229,15 @@ def test_tasks_import_nothing_else_from_the_package():
                 continue
             for m in modules:
                 assert m.split(".")[0] in allowed, f"{path.name}:{node.lineno} imports {m}"
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_datasets_and_collate_pickle_for_dataloader_workers(name):
+    import pickle
+
+    task = get_task(name)
+    ds = small_splits(name)["val"]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert same_items(items(ds), items(copy))
+    collate = pickle.loads(pickle.dumps(task.collate))
+    assert torch.equal(collate(items(ds))["tokens"], task.collate(items(ds))["tokens"])

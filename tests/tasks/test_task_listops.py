@@ -207,7 +207,7 @@ def test_bad_length_options():
 
 def write_split_files(folder: Path, train_text: str, prefix: str = "basic") -> None:
     good = "Source\tTarget\n( ( ( [MAX 4 ) 9 ) ] )\t9\n"
-    (folder / f"{prefix}_train.tsv").write_text(train_text)
+    (folder / f"{prefix}_train.tsv").write_bytes(train_text.encode("utf-8", "surrogateescape"))
     (folder / f"{prefix}_val.tsv").write_text(good)
     (folder / f"{prefix}_test.tsv").write_text(good)
 
@@ -218,6 +218,7 @@ def write_split_files(folder: Path, train_text: str, prefix: str = "basic") -> N
     ("Source\tTarget\n( ( [MIN 1 ) ] )\t1\n( ( [AVG 1 ) ] )\t1\n", 3, "unknown ListOps token"),
     ("Source\tTarget\n( ( [MIN 1 ) ] )\t12\n", 2, "Target digit"),
     ("", None, "at least one example"),
+    ("Source\tTarget\n( ( [MIN 1 ) ] )\t1\n\udcff\t1\n", 3, "UTF-8"),
 ])
 def test_malformed_tsv_names_file_and_line(tmp_path, text, line, what):
     write_split_files(tmp_path, text)
@@ -248,3 +249,9 @@ def test_prefix_caps_and_truncation(tmp_path):
         assert tokens.tolist() == L.encode_source(rows[i][0])[:20].tolist()
     with pytest.raises(ValueError, match="min_len"):  # a generator option, refused for the loader
         get_task("listops").datasets(tmp_path, prefix="deep", min_len=3)
+
+
+def test_crlf_line_endings_are_accepted(tmp_path):
+    write_split_files(tmp_path, "Source\tTarget\r\n( ( ( [SM 4 ) 9 ) ] )\t3\r\n\r\n")
+    ds = get_task("listops").datasets(tmp_path)["train"]
+    assert len(ds) == 1 and ds[0]["label"] == 3 and words_of(ds[0]["tokens"]) == ["[SM", "4", "9", "X"]

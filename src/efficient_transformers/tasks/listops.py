@@ -217,9 +217,12 @@ def read_tsv(path: Path, limit: int | None = None) -> tuple[list[np.ndarray], li
         raise missing_file(path, "ListOps TSV file")
     seqs: list[np.ndarray] = []
     labels: list[int] = []
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise data_error(path, lineno, "UTF-8 text", raw[:40]) from None
             if lineno == 1:
                 if line != "Source\tTarget":
                     raise data_error(path, 1, "the header 'Source\\tTarget'", line)
