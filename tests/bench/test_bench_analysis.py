@@ -58,6 +58,7 @@ def test_check_flags_slopes_above_the_stated_complexity():
     assert analysis.exceeds_stated(1.4, n_log_n) is False and analysis.exceeds_stated(1.5, n_log_n) is True
     assert analysis.exceeds_stated(1.1, (2.0, False)) is False  # better than stated is fine
     assert analysis.exceeds_stated(None, linear) is None and analysis.exceeds_stated(1.0, None) is None
+    assert analysis.exceeds_stated(1.4, linear, analysis.TIME_SLOPE_TOLERANCE) is False  # time is judged looser
 
 
 def row(n, status="ok", ratio=None, mechanism="m", mode="train", **extra):
@@ -109,7 +110,8 @@ def test_summary_and_memory_ratios_from_synthetic_rows():
     assert perf["slope_lengths"] == list(lengths) and perf["max_len_run"] == 4096
     fake = summary["fake_linear"]["train"]
     assert fake["time_slope"] == pytest.approx(2.0) and fake["time_exceeds_stated"] is True
-    assert fake["mem_exceeds_stated"] is True and fake["crossover_len"] is None
+    assert fake["mem_exceeds_stated"] is True and fake["flops_exceeds_stated"] is True
+    assert fake["crossover_len"] is None and perf["flops_exceeds_stated"] is False
     assert summary["vanilla"]["train"]["crossover_len"] is None
     assert summary["vanilla"]["train"]["time_slope"] == pytest.approx(2.0)
     assert summary["vanilla"]["train"]["stated_exponent"] == 2.0

@@ -135,3 +135,15 @@ def test_progress_bar_draws_on_a_terminal_only():
     bar.close()
     assert "\r[####----] 2/4 00:00 performer N=1024 train: memory probe" in shown.getvalue()
     assert shown.getvalue().endswith("\n")
+
+
+def test_slow_steps_get_one_warm_up_call_and_min_rounds(clock):
+    calls = []
+
+    def slow():
+        calls.append(clock.now)
+        clock.now += 2.0
+
+    result = harness.time_interleaved({"vanilla": slow}, plan())
+    assert len(calls) == 1 + 3  # one warm-up call (slower than SLOW_WARMUP_S), then min_rounds samples of 1 step
+    assert result.inner == {"vanilla": 1} and result.samples["vanilla"] == [2.0, 2.0, 2.0]

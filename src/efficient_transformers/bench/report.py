@@ -20,7 +20,7 @@ from . import analysis
 
 STATUS_CELL = {"oom": "OOM", "timeout": "timeout", "error": "error", "unsupported": "n/a"}
 MODE_TITLE = {"forward": "Forward (inference)", "train": "Train (forward + backward)"}
-METRICS = {"time_ms": ("time", "time per step (ms)"), "peak_mem_mb": ("memory", "peak memory above resident (MiB)")}
+METRICS = {"time_ms": ("time", "time per step (ms)"), "peak_mem_mb": ("memory", "peak memory of the step (MiB)")}
 
 
 def _num(value: float | None) -> str:
@@ -108,8 +108,10 @@ def markdown(result: dict[str, Any]) -> str:
             "resident size during one step minus the resident size before it.",
             f"- **Slope**: least-squares fit of log(value) on log(N) over the {config['slope_points']} largest lengths "
             "where the configuration ran; ~2 means quadratic, ~1 linear. Small N is dominated by fixed costs "
-            "(projections, Python), which flattens every curve. **Check** flags a slope above the card's stated "
-            f"exponent by more than {config['slope_tolerance']:g} (+0.15 with a log factor).",
+            "(projections, Python), which flattens every curve. **Check** flags a memory or FLOPs slope above the "
+            f"card's stated exponent by more than {config['slope_tolerance']:g}, a time slope by more than "
+            f"{config['time_slope_tolerance']:g} (+0.15 with a log factor). The FLOPs slope is exact but counts "
+            "only matrix products; memory counts everything.",
             "- **Crossover length**: the smallest measured N from which the mechanism is faster than vanilla at that "
             "N and at every larger measured N (faster: its paired time ratio is below 1, or vanilla did not run "
             "there); '—' when it is not faster at the largest length.",
@@ -163,6 +165,8 @@ def markdown(result: dict[str, Any]) -> str:
                 flags.append(f"time above stated ({mode})")
             if s.get("mem_exceeds_stated"):
                 flags.append(f"memory above stated ({mode})")
+            if s.get("flops_exceeds_stated"):
+                flags.append(f"FLOPs above stated ({mode})")
         measured_any = any(summary.get(m, {}).get(mode, {}).get("time_slope") is not None for mode in modes)
         cells.append("; ".join(flags) if flags else ("within stated" if measured_any and parsed else "—"))
         rows.append(cells)
@@ -225,7 +229,7 @@ def write_plots(result: dict[str, Any], out_dir: Path, notes: list[str]) -> list
             panels = _panels(config, series)
             ncols = min(3, len(panels))
             nrows = math.ceil(len(panels) / ncols)
-            fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows), layout="constrained")
+            fig = Figure(figsize=(max(6.4, 4.6 * ncols), 3.6 * nrows + 0.4), layout="constrained")
             FigureCanvasAgg(fig)
             for i, (klass, members) in enumerate(panels):
                 ax = fig.add_subplot(nrows, ncols, i + 1)
@@ -236,16 +240,22 @@ def write_plots(result: dict[str, Any], out_dir: Path, notes: list[str]) -> list
                             label=config["cards"][name]["title"], linewidth=1.2 if baseline else 1.6)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
+                ax.set_xticks(config["lengths"], [_length_label(n) for n in config["lengths"]])
+                ax.minorticks_off()
                 ax.set_title(klass, fontsize=10)
                 ax.set_xlabel("sequence length N")
                 ax.set_ylabel(axis_label)
                 ax.grid(True, which="both", alpha=0.25)
                 ax.legend(fontsize=7)
-            fig.suptitle(f"{MODE_TITLE[mode]}: {axis_label} vs N (log-log), by taxonomy class")
+            fig.suptitle(f"{MODE_TITLE[mode]}\n{axis_label} vs N (log-log), by taxonomy class", fontsize=10)
             name = f"{stem}_{mode}.png"
             fig.savefig(out_dir / name, dpi=110)
             files.append(name)
     return files
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _series(result: dict[str, Any], mode: str, metric: str) -> dict[str, tuple[list[int], list[float]]]:

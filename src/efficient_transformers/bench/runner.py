@@ -194,6 +194,7 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
         "slope_points": analysis.SLOPE_POINTS,
         "noisy_spread": NOISY_SPREAD,
         "slope_tolerance": analysis.SLOPE_TOLERANCE,
+        "time_slope_tolerance": analysis.TIME_SLOPE_TOLERANCE,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
@@ -278,7 +279,7 @@ class _Benchmark:
 
     def _result(self) -> dict[str, Any]:
         for row in self.rows:
-            if row["gflops_per_s"] is not None:
+            if row["gflops_per_s"] is not None and self.config["matmul_gflops"]:
                 row["matmul_fraction"] = row["gflops_per_s"] / self.config["matmul_gflops"]
         analysis.add_memory_ratios(self.rows)
         complexities = {n: c["complexity"] for n, c in self.config["cards"].items()}
