@@ -143,6 +143,7 @@ def _fork_and_measure(request: dict[str, Any]) -> dict[str, Any]:
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
             answer = measure_in_this_process(request["workload"], request["threads"], request.get("flops", True))
             with os.fdopen(write_fd, "wb") as out:
                 out.write(json.dumps(answer).encode())
@@ -174,6 +175,14 @@ def _fork_and_measure(request: dict[str, Any]) -> dict[str, Any]:
         return {"status": "timeout", "error": f"exceeded the per-configuration limit of {timeout_s:g} s "
                 "(build, one step and the FLOP count, in the isolated probe)"}
     return _answer_from(b"".join(chunks), wait_status)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is killed when the server dies (an interrupted run leaves no orphan computing)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the server's own kill on timeout still bounds the child
 
 
 def _answer_from(data: bytes, wait_status: int) -> dict[str, Any]:
@@ -303,15 +312,20 @@ class ProbeServer:
 
     @staticmethod
     def _stop(proc: subprocess.Popen) -> None:
-        try:
-            if proc.stdin:
-                proc.stdin.close()
-            proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        """End the server now (it holds nothing worth saving); its probe child, if any, dies with it."""
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
 
 def main(argv: list[str]) -> int:

@@ -246,7 +246,7 @@ class _Benchmark:
             self.config["notes"].append("interrupted (Ctrl-C): the rows hold the configurations finished before it")
             raise
         finally:
-            self.bar.close()
+            self.bar.update(description="writing the report")
             self._note_machine_load("end")
             self.config["wall_time_s"] = time.perf_counter() - started
             result = self._result()
@@ -254,6 +254,8 @@ class _Benchmark:
             (self.out / "bench.md").write_text(report.markdown(result))
             result = _finite(result)
             self._write_json(result)
+            self.bar.update(description=f"done: {self.out}/")
+            self.bar.close()
         return result
 
     def _probe_matmul(self, seconds: float) -> None:
