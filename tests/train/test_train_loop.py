@@ -113,11 +113,18 @@ def _records(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("kind", ["classification", "language_model"])
-def test_stopped_and_resumed_run_is_bit_identical(tmp_path, tiny_task, make_config, run_helpers, kind):
+@pytest.mark.parametrize("kind,attention,options", [
+    ("classification", "vanilla", {}),
+    ("language_model", "vanilla", {}),
+    # random features redrawn every 3 calls: the redraw counter and the draws live in buffers
+    ("classification", "performer", {"nb_features": 8, "redraw_interval": 3}),
+])
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, tiny_task, make_config, run_helpers, kind, attention,
+                                                  options):
     task = tiny_task(kind)
     # dropout on, accumulation on, checkpoints not aligned with the stop: every piece of state matters
-    settings = dict(steps=14, eval_every=4, checkpoint_every=5, log_every=3, accum=2, dropout=0.2, num_train=40)
+    settings = dict(steps=14, eval_every=4, checkpoint_every=5, log_every=3, accum=2, dropout=0.2, num_train=40,
+                    attention=attention, attention_options=options)
     num_train = settings.pop("num_train")
     _train(task, make_config(tmp_path / "through", **settings), num_train=num_train).fit()
     stopped = _train(task, make_config(tmp_path / "resumed", **settings), num_train=num_train).fit(stop_at=7)
@@ -140,6 +147,8 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, tiny_task, make_co
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     with pytest.raises(ValueError, match=r"settings differ from the checkpoint .*\['lr'\]"):
         _train(task, make_config(tmp_path, steps=2, eval_every=2, lr=0.5), resume=True)
+    with pytest.raises(ValueError, match=r"is at step 2, beyond --steps 1; allowed: --steps >= 2"):
+        _train(task, make_config(tmp_path, steps=1, eval_every=2), resume=True)
     results = _train(task, make_config(tmp_path, steps=3, eval_every=3, seed=1), overwrite=True).fit()
     assert results["steps"] == 3 and json.loads((tmp_path / "trainer_state.json").read_text())["config"]["seed"] == 1
 
@@ -156,3 +165,23 @@ def test_batch_statistics_ignore_padding_in_language_models(tiny_task):
     with torch.no_grad():
         manual = sum(F.cross_entropy(lm(it["tokens"][None])[0], it["targets"], reduction="sum") for it in items)
     assert float(loss_sum.detach()) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_progress_bar_draws_on_a_terminal_and_stays_silent_in_a_pipe():
+    import io
+
+    from efficient_transformers.train.progress import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = ProgressBar(4, "listops/vanilla", stream=stream)
+        for i in range(1, 5):
+            bar.update(i, loss=0.5)
+        bar.close()
+    assert pipe.getvalue() == ""
+    assert tty.getvalue().startswith("\rlistops/vanilla [")
+    assert "4/4 loss 0.5" in tty.getvalue() and tty.getvalue().endswith("\n")

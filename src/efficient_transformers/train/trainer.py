@@ -136,6 +136,9 @@ class Trainer:
             changed = TrainConfig.from_json(saved["config"]).differences(self.config, ignore=RESUME_MAY_CHANGE)
             if changed:
                 raise ValueError(f"--resume: settings differ from the checkpoint in {self.out_dir}: {sorted(changed)}")
+            if saved.get("step", 0) > self.config.steps:
+                raise ValueError(f"--resume: the checkpoint in {self.out_dir} is at step {saved['step']}, "
+                                 f"beyond --steps {self.config.steps}; allowed: --steps >= {saved['step']}")
             if saved.get("world_size") != self.env.world_size:
                 raise ValueError(f"--resume: the checkpoint was written by {saved.get('world_size')} process(es); "
                                  f"resume it with the same number, not {self.env.world_size}")
@@ -328,8 +331,6 @@ class Trainer:
         opt_state, _ = ckpt.load_tree(self.out_dir / ckpt.OPTIMIZER_FILE)
         self.optimizer.load_state_dict(opt_state)
         self.step, self.best, self.elapsed_before = state["step"], state["best"], state["elapsed"]
-        if self.step > self.config.steps:
-            raise ValueError(f"--resume: the checkpoint is at step {self.step}, beyond --steps {self.config.steps}")
         window = state["train_window"]  # summed over processes: rank 0 carries it, the others start at zero
         if self.env.is_main:
             self.window = BatchStats(window["loss_sum"], window["correct"], window["count"])
