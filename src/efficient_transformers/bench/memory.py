@@ -98,7 +98,11 @@ def measure_in_this_process(work_json: dict[str, Any], threads: int, want_flops:
         try:
             layer = harness.build_layer(work)
             if work.seq_len > harness.TINY_WARMUP_LEN:
-                harness.make_step(layer, work, harness.TINY_WARMUP_LEN)()
+                try:
+                    harness.make_step(layer, work, harness.TINY_WARMUP_LEN)()
+                except Exception as err:  # the measured step decides the verdict; the warm-up only warns
+                    answer["warnings"].append(f"warm-up step at N={harness.TINY_WARMUP_LEN} failed: "
+                                              f"{type(err).__name__}: {err}"[:300])
             step = harness.make_step(layer, work)
             gc.collect()
             _malloc_trim()
