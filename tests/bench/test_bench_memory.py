@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import efficient_transformers as et
-from efficient_transformers.bench import analysis, harness
+from efficient_transformers.bench import analysis, harness, memory
 from efficient_transformers.bench.memory import ProbeServer
 
 TOYS = Path(__file__).with_name("bench_toy_layers.py")
@@ -78,3 +78,22 @@ def test_unsupported_combination_is_a_verdict_not_a_crash(server):
     answer = server.measure(work.to_json(), 30.0)
     assert answer["status"] == "unsupported"
     assert "no_such_option" in answer["error"] and "allowed options" in answer["error"]
+
+
+def test_without_proc_the_probe_reports_no_memory_but_still_measures(monkeypatch):
+    monkeypatch.setattr(memory, "PROC_STATUS", "/nonexistent/status")
+    work = harness.Workload(mechanism="vanilla", seq_len=32, mode="forward", dim=DIM, heads=HEADS)
+    answer = memory.measure_in_this_process(work.to_json(), threads=1)
+    assert answer["status"] == "ok" and answer["peak_mem_mb"] is None
+    assert "unavailable" in answer["memory_note"] and "/nonexistent/status" in answer["memory_note"]
+    assert answer["flops"] == 2 * 32 * DIM * 4 * DIM + 4 * HEADS * 32 * 32 * (DIM // HEADS)
+
+
+def test_spawn_fallback_gives_the_same_verdicts():
+    """Where fork is unavailable each configuration runs in a fresh interpreter."""
+    request = {"workload": harness.Workload(mechanism="quadratic", seq_len=512, mode="train", dim=DIM, heads=HEADS,
+                                            factory=f"{TOYS}:quadratic").to_json(),
+               "timeout_s": 60.0, "threads": 1, "flops": False}
+    answer = memory._spawn_and_measure(request)
+    assert answer["status"] == "ok" and answer["flops"] is None
+    assert answer["peak_mem_mb"] >= HEADS * 512**2 * 4 / 2**20
