@@ -59,7 +59,7 @@ class LinearTransformerAttention(AttentionLayer):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: KernelState | None):
         return kernel_attention(
             q, k, v, self.feature_map, key_mask=mask, causal=self.causal, state=state,
-            chunk_size=self.chunk_size, segment_size=self.segment_size, recompute=False,
+            chunk_size=self.chunk_size, segment_size=self.segment_size,
         )
 
     def extra_repr(self) -> str:

@@ -105,7 +105,7 @@ class PerformerAttention(AttentionLayer):
             self.calls_since_redraw += 1
         return kernel_attention(
             q, k, v, self.feature_map, key_mask=mask, causal=self.causal, state=state,
-            chunk_size=self.chunk_size, segment_size=self.segment_size, recompute=True,
+            chunk_size=self.chunk_size, segment_size=self.segment_size,
         )
 
     def extra_repr(self) -> str:

@@ -36,19 +36,21 @@ All stabilisers are detached: the output is exactly invariant to them, so the gr
 Feature maps, products and normalisers run in float32 (float64 for float64 inputs); outputs are
 returned in the input dtype.
 
-**Memory.** With `recompute=True` the sequence is processed in segments of `segment_size` tokens
-under activation checkpointing: the backward pass keeps only q, k, v and (m, d+1) states per
-segment, and recomputes one segment's features at a time. Peak memory is then linear in N with a
-small constant even for many features.
+**Memory and time.** Both forms are custom autograd Functions that work through the sequence in
+segments of `segment_size` tokens: the forward pass writes each segment's outputs into one
+preallocated tensor and keeps nothing but q, k, v and one (m, d + 1) state per segment; the backward
+pass recomputes one segment's features at a time (the feature map's own gradient comes from local
+autograd on that segment) and applies the hand-derived gradient of the products above. Peak memory
+is O(N d + segment_size m) whatever the number of features, every large buffer is allocated once
+per call, and no autograd graph is built over the N x m features.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from .blocking import pad_mask_to_multiple, pad_to_multiple, split_blocks
 from .feature_maps import FeatureMap
@@ -60,8 +62,7 @@ NEG_INF = float("-inf")
 class KernelState:
     """What a causal kernel layer carries between decoding steps: constant size, whatever the length.
 
-    kv:     (B, H, m, d + 1)  sum over the consumed real keys of phi(k_j) exp(g_j - ref) [v_j, 1]^T,
-            where phi(k_j) is the stabilised feature exp(L_j - g_j) (or phi itself for direct maps)
+    kv:     (B, H, m, d + 1)  sum over the consumed real keys of phi(k_j) exp(-ref) [v_j, 1]^T
     ref:    (B, H)            the running max of the key log-scales g_j; -inf before the first real key
     length: int               tokens consumed so far
     """
@@ -82,33 +83,49 @@ def kernel_attention(
     state: KernelState | None = None,
     chunk_size: int = 64,
     segment_size: int = 1024,
-    recompute: bool = False,
 ) -> tuple[Tensor, KernelState | None]:
     """Kernel attention on per-head tensors q, k, v (B, H, N, d) -> (out (B, H, N, d), state).
 
     `key_mask` (B, N) bool, True = real key. Causal calls return the state after the last token
-    (continue from `state` when given); bidirectional calls return None.
+    (continuing from `state` when given); bidirectional calls return None.
     """
+    if state is not None and not causal:
+        raise ValueError("kernel attention: a decoding state was given to a bidirectional call")
     out_dtype = v.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, N, d + 1)
-    if key_mask is not None:
-        v1 = v1.masked_fill(~key_mask[:, None, :, None], 0.0)  # padded keys contribute nothing
-    use_checkpoint = recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if causal:
-        out, state = _causal(q, k, v1, key_mask, feature_map, state, chunk_size, segment_size, use_checkpoint)
+    if not causal:
+        out = _BidirectionalKernelAttention.apply(q, k, v, key_mask, feature_map, segment_size)
+        return out.to(out_dtype), None
+    B, H, n, d = v.shape
+    if state is None:
+        kv_in = q.new_zeros(B, H, feature_map.num_features, d + 1)  # (B, H, m, d + 1)
+        ref_in, length = q.new_full((B, H), NEG_INF), 0
     else:
-        if state is not None:
-            raise ValueError("kernel attention: a decoding state was given to a bidirectional call")
-        out = _bidirectional(q, k, v1, key_mask, feature_map, segment_size, use_checkpoint)
-    return out.to(out_dtype), state
+        kv_in, ref_in, length = state.kv.to(compute), state.ref.to(compute), state.length
+    segment_size = max(chunk_size, segment_size // chunk_size * chunk_size)  # chunks never straddle segments
+    out, kv, ref = _CausalKernelAttention.apply(q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size)
+    return out.to(out_dtype), KernelState(kv, ref, length + n)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- shared pieces
 def _decay(log_from: Tensor, log_to: Tensor) -> Tensor:
     """exp(log_from - log_to) for log_from <= log_to, with -inf meaning 'nothing yet' (-> 0, not NaN)."""
     return torch.exp(log_from - log_to.nan_to_num(neginf=0.0))
+
+
+def _spans(n: int, segment_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + segment_size, n)) for s in range(0, n, segment_size)]
+
+
+def _segment_mask(key_mask: Tensor | None, s: int, e: int) -> Tensor | None:
+    return None if key_mask is None else key_mask[:, s:e]
+
+
+def _values_with_ones(v: Tensor, mask: Tensor | None) -> Tensor:
+    """[v, 1] (B, H, n, d + 1), padded rows zero: padded keys add nothing to numerator or normaliser."""
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    return v1 if mask is None else v1.masked_fill_(~mask[:, None, :, None], 0.0)
 
 
 def _normalise(out1: Tensor) -> Tensor:
@@ -117,133 +134,218 @@ def _normalise(out1: Tensor) -> Tensor:
     return numerator / torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
 
 
-def _query_features(feature_map: FeatureMap, q: Tensor) -> Tensor:
+def _normalise_backward(out1: Tensor, grad_out: Tensor) -> Tensor:
+    """The gradient of `_normalise` with respect to its input (..., d + 1)."""
+    numerator, normaliser = out1[..., :-1], out1[..., -1:]
+    has_keys = normaliser > 0
+    safe = torch.where(has_keys, normaliser, torch.ones_like(normaliser))
+    grad_numerator = grad_out / safe
+    grad_normaliser = -(grad_numerator * numerator).sum(-1, keepdim=True) / safe
+    return torch.cat([grad_numerator, grad_normaliser.masked_fill_(~has_keys, 0.0)], dim=-1)
+
+
+def _map(feature_map: FeatureMap, x: Tensor, graph: bool) -> tuple[Tensor, Tensor | None]:
+    """The map's output (log-features or features) for x; with `graph`, also the leaf it depends on,
+    so that the backward pass can differentiate the map by local autograd."""
+    if not graph:
+        return feature_map(x), None
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        return feature_map(leaf), leaf
+
+
+def _map_backward(raw: Tensor, leaf: Tensor, features: Tensor, grad_features: Tensor, exponential: bool) -> Tensor:
+    """d loss / d x from d loss / d features, where features = exp(raw - constant) or raw itself."""
+    grad_raw = grad_features * features if exponential else grad_features
+    return torch.autograd.grad(raw, leaf, grad_raw)[0]
+
+
+def _query_features(feature_map: FeatureMap, raw: Tensor) -> Tensor:
+    """phi(q) up to a per-row constant (which cancels): each row's largest feature is 1."""
     if not feature_map.exponential:
-        return feature_map(q)  # (B, H, n, m)
-    logits = feature_map(q)  # (B, H, n, m)
-    return torch.exp(logits - logits.detach().amax(dim=-1, keepdim=True))  # per-row constant cancels
-
-
-def _key_features(feature_map: FeatureMap, k: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Stabilised key features (B, H, n, m), each row's max 1 for exponential maps, and the key
-    log-scales g (B, H, n): phi(k_j) = features_j * exp(g_j); g = -inf marks a padded key."""
-    if feature_map.exponential:
-        logits = feature_map(k)  # (B, H, n, m)
-        log_scale = logits.detach().amax(dim=-1)  # (B, H, n)
-        features = torch.exp(logits - log_scale[..., None])  # (B, H, n, m), <= 1
-    else:
-        features = feature_map(k)  # (B, H, n, m)
-        log_scale = features.new_zeros(features.shape[:-1])  # (B, H, n)
-    if key_mask is not None:
-        log_scale = log_scale.masked_fill(~key_mask[:, None, :], NEG_INF)
-    return features, log_scale
-
-
-def _run(fn, *args, use_checkpoint: bool):
-    if use_checkpoint:
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-def _segments(n: int, segment_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + segment_size, n)) for s in range(0, n, segment_size)]
-
-
-def _slice_mask(key_mask: Tensor | None, s: int, e: int) -> Tensor | None:
-    return None if key_mask is None else key_mask[:, s:e]
+        return raw  # (B, H, n, m)
+    return torch.exp(raw - raw.amax(dim=-1, keepdim=True))  # (B, H, n, m)
 
 
 # ----------------------------------------------------------------------------- bidirectional
-def _bidirectional(q, k, v1, key_mask, feature_map, segment_size, use_checkpoint) -> Tensor:
-    n = q.shape[-2]
-    summaries, log_refs = [], []
-    for s, e in _segments(n, segment_size):
-        summary, log_ref = _run(
-            _key_summary, k[..., s:e, :], v1[..., s:e, :], _slice_mask(key_mask, s, e), feature_map,
-            use_checkpoint=use_checkpoint,
-        )
-        summaries.append(summary)  # (B, H, m, d + 1) relative to exp(log_ref)
-        log_refs.append(log_ref)  # (B, H)
-    log_ref = torch.stack(log_refs).amax(dim=0)  # (B, H): the max over all real keys
-    kv = sum(_decay(r, log_ref)[..., None, None] * t for r, t in zip(log_refs, summaries))  # (B, H, m, d+1)
-    outs = [
-        _run(_query_readout, q[..., s:e, :], kv, feature_map, use_checkpoint=use_checkpoint)
-        for s, e in _segments(n, segment_size)
-    ]
-    return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]  # (B, H, N, d)
+def _bidirectional_keys(feature_map: FeatureMap, raw: Tensor, mask: Tensor | None, log_ref: Tensor | None):
+    """Key features relative to exp(log_ref) (B, H, n, m), padded keys zero. Without `log_ref`, the
+    reference is these keys' largest log-feature (returned, (B, H); -inf when all are padded)."""
+    if not feature_map.exponential:
+        features = raw if mask is None else raw.masked_fill(~mask[:, None, :, None], 0.0)
+        return features, raw.new_zeros(raw.shape[:2]) if log_ref is None else log_ref
+    if mask is not None:
+        raw = raw.masked_fill(~mask[:, None, :, None], NEG_INF)
+    if log_ref is None:
+        log_ref = raw.amax(dim=(-2, -1))  # (B, H)
+    return torch.exp(raw - log_ref.nan_to_num(neginf=0.0)[..., None, None]), log_ref  # <= 1
 
 
-def _key_summary(k: Tensor, v1: Tensor, key_mask: Tensor | None, feature_map: FeatureMap) -> tuple[Tensor, Tensor]:
-    """sum_j phi(k_j) exp(g_j - r) [v_j, 1]^T over one segment's real keys, with r = max_j g_j."""
-    features, log_scale = _key_features(feature_map, k, key_mask)  # (B, H, n, m), (B, H, n)
-    log_ref = log_scale.amax(dim=-1)  # (B, H)
-    weights = _decay(log_scale, log_ref[..., None])  # (B, H, n), <= 1; 0 for padded keys
-    return (features * weights[..., None]).transpose(-1, -2) @ v1, log_ref  # (B, H, m, d + 1)
+class _BidirectionalKernelAttention(torch.autograd.Function):
+    """out = normalise(phi(Q) S), S = sum_j phi(k_j) [v_j, 1]^T, segment by segment (see module doc)."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, feature_map, segment_size):
+        B, H, n, d = v.shape
+        spans = _spans(n, segment_size)
+        kv = q.new_zeros(B, H, feature_map.num_features, d + 1)  # (B, H, m, d + 1) relative to exp(log_ref)
+        log_ref = q.new_full((B, H), NEG_INF)
+        for s, e in spans:
+            mask = _segment_mask(key_mask, s, e)
+            phi_k, segment_ref = _bidirectional_keys(feature_map, feature_map(k[..., s:e, :]), mask, None)
+            summary = phi_k.transpose(-1, -2) @ _values_with_ones(v[..., s:e, :], mask)  # (B, H, m, d + 1)
+            new_ref = torch.maximum(log_ref, segment_ref)  # (B, H)
+            kv = kv * _decay(log_ref, new_ref)[..., None, None] + summary * _decay(segment_ref, new_ref)[..., None, None]
+            log_ref = new_ref
+        out = v.new_empty(B, H, n, d)
+        for s, e in spans:
+            phi_q = _query_features(feature_map, feature_map(q[..., s:e, :]))  # (B, H, n_s, m)
+            out[..., s:e, :] = _normalise(phi_q @ kv)
+        ctx.save_for_backward(q, k, v, key_mask, kv, log_ref)
+        ctx.feature_map, ctx.segment_size = feature_map, segment_size
+        return out
 
-def _query_readout(q: Tensor, kv: Tensor, feature_map: FeatureMap) -> Tensor:
-    return _normalise(_query_features(feature_map, q) @ kv)  # (B, H, n, d)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, key_mask, kv, log_ref = ctx.saved_tensors
+        feature_map, exponential = ctx.feature_map, ctx.feature_map.exponential
+        spans = _spans(q.shape[-2], ctx.segment_size)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_kv = torch.zeros_like(kv)  # (B, H, m, d + 1)
+        for s, e in spans:
+            raw, leaf = _map(feature_map, q[..., s:e, :], graph=True)
+            phi_q = _query_features(feature_map, raw.detach())  # (B, H, n_s, m)
+            grad_out1 = _normalise_backward(phi_q @ kv, grad_out[..., s:e, :])  # (B, H, n_s, d + 1)
+            grad_kv += phi_q.transpose(-1, -2) @ grad_out1
+            grad_phi = grad_out1 @ kv.transpose(-1, -2)  # (B, H, n_s, m)
+            grad_q[..., s:e, :] = _map_backward(raw, leaf, phi_q, grad_phi, exponential)
+        for s, e in spans:
+            mask = _segment_mask(key_mask, s, e)
+            raw, leaf = _map(feature_map, k[..., s:e, :], graph=True)
+            phi_k, _ = _bidirectional_keys(feature_map, raw.detach(), mask, log_ref)  # (B, H, n_s, m)
+            v1 = _values_with_ones(v[..., s:e, :], mask)  # (B, H, n_s, d + 1)
+            grad_phi = v1 @ grad_kv.transpose(-1, -2)  # (B, H, n_s, m)
+            grad_v[..., s:e, :] = (phi_k @ grad_kv)[..., :-1]  # padded rows: phi_k = 0
+            grad_k[..., s:e, :] = _map_backward(raw, leaf, phi_k, grad_phi, exponential)
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 # ----------------------------------------------------------------------------- causal
-def _causal(q, k, v1, key_mask, feature_map, state, chunk_size, segment_size, use_checkpoint):
-    B, H, n, _ = q.shape
-    if state is None:
-        m = feature_map.num_features
-        kv = q.new_zeros(B, H, m, v1.shape[-1])  # (B, H, m, d + 1)
-        log_ref = q.new_full((B, H), NEG_INF)
-        length = 0
-    else:
-        kv, log_ref, length = state.kv.to(q.dtype), state.ref.to(q.dtype), state.length
-    segment_size = max(chunk_size, segment_size // chunk_size * chunk_size)  # chunks never straddle segments
-    outs = []
-    for s, e in _segments(n, segment_size):
-        out, kv, log_ref = _run(
-            _causal_segment, q[..., s:e, :], k[..., s:e, :], v1[..., s:e, :], _slice_mask(key_mask, s, e),
-            kv, log_ref, feature_map, chunk_size, use_checkpoint=use_checkpoint,
-        )
-        outs.append(out)
-    out = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]  # (B, H, N, d)
-    return out, KernelState(kv, log_ref, length + n)
+class _CausalKernelAttention(torch.autograd.Function):
+    """The chunked causal scan, segment by segment, continuing from (kv_in, ref_in) (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size):
+        B, H, n, d = v.shape
+        spans = _spans(n, segment_size)
+        out = v.new_empty(B, H, n, d)
+        entry_kv = kv_in.new_empty((len(spans),) + kv_in.shape)  # the state entering each segment
+        entry_ref = ref_in.new_empty((len(spans),) + ref_in.shape)
+        kv, ref = kv_in, ref_in
+        for i, (s, e) in enumerate(spans):
+            entry_kv[i], entry_ref[i] = kv, ref
+            segment_out, kv, ref = _causal_segment(
+                q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], _segment_mask(key_mask, s, e), kv, ref,
+                feature_map, chunk_size,
+            )
+            out[..., s:e, :] = segment_out
+        ctx.save_for_backward(q, k, v, key_mask, entry_kv, entry_ref)
+        ctx.feature_map, ctx.chunk_size, ctx.segment_size = feature_map, chunk_size, segment_size
+        ctx.mark_non_differentiable(ref)
+        return out, kv, ref
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_kv_out, _grad_ref):
+        q, k, v, key_mask, entry_kv, entry_ref = ctx.saved_tensors
+        spans = _spans(q.shape[-2], ctx.segment_size)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        grad_kv = torch.zeros_like(entry_kv[0]) if grad_kv_out is None else grad_kv_out
+        for i, (s, e) in reversed(list(enumerate(spans))):
+            grad_q[..., s:e, :], grad_k[..., s:e, :], grad_v[..., s:e, :], grad_kv = _causal_segment(
+                q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], _segment_mask(key_mask, s, e), entry_kv[i],
+                entry_ref[i], ctx.feature_map, ctx.chunk_size, grad_out=grad_out[..., s:e, :], grad_kv_out=grad_kv,
+            )
+        grad_kv_in = grad_kv if ctx.needs_input_grad[4] else None
+        return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
 
 
-def _causal_segment(q, k, v1, key_mask, kv_in, ref_in, feature_map, chunk_size):
-    """One segment of the chunked causal scan, continuing from (kv_in, ref_in). See the module doc."""
-    B, H, n, _ = q.shape
+def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, grad_out=None, grad_kv_out=None):
+    """One segment of the chunked causal scan. Forward: -> (out, kv_out, ref_out). Given the gradients
+    of its outputs: -> (grad_q, grad_k, grad_v, grad_kv_in), recomputing the forward pieces."""
+    B, H, n, d = v.shape
     size = min(chunk_size, n)
-    (q, _), (k, _), (v1, pad) = (pad_to_multiple(t, size) for t in (q, k, v1))  # (B, H, nc*C, .)
-    mask = None if key_mask is None and pad == 0 else pad_mask_to_multiple(key_mask, n, size, B, q.device)
-    phi_q = _query_features(feature_map, q)  # (B, H, L, m)
-    phi_k, log_scale = _key_features(feature_map, k, mask)  # (B, H, L, m), (B, H, L)
+    (q, _), (k, _), (v, pad) = (pad_to_multiple(t, size) for t in (q, k, v))  # (B, H, L = nc * C, .)
+    mask = None if mask is None and pad == 0 else pad_mask_to_multiple(mask, n, size, B, q.device)
+    backward = grad_out is not None
+    raw_q, leaf_q = _map(feature_map, q, backward)
+    raw_k, leaf_k = _map(feature_map, k, backward)
+    phi_q = _query_features(feature_map, raw_q.detach())  # (B, H, L, m)
+    if feature_map.exponential:
+        log_scale = raw_k.detach().amax(dim=-1)  # (B, H, L): g_j, each key's own largest log-feature
+        phi_k = torch.exp(raw_k.detach() - log_scale[..., None])  # (B, H, L, m), <= 1
+    else:
+        phi_k = raw_k.detach()  # (B, H, L, m)
+        log_scale = phi_k.new_zeros(phi_k.shape[:-1])  # (B, H, L)
+    if mask is not None:
+        log_scale = log_scale.masked_fill(~mask[:, None, :], NEG_INF)  # padded keys weigh exp(-inf) = 0
+    v1 = _values_with_ones(v, mask)  # (B, H, L, d + 1)
     running = torch.maximum(log_scale.cummax(dim=-1).values, ref_in[..., None])  # (B, H, L): M_i
 
-    phi_q, phi_k, v1 = split_blocks(phi_q, size), split_blocks(phi_k, size), split_blocks(v1, size)  # (B,H,nc,C,.)
-    log_scale, running = log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
-    chunk_end = running[..., -1]  # (B, H, nc): running max after each chunk
+    phi_q_c, phi_k_c, v1_c = split_blocks(phi_q, size), split_blocks(phi_k, size), split_blocks(v1, size)  # (B,H,nc,C,.)
+    log_scale_c, running_c = log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
+    nc, m = phi_q_c.shape[2], phi_q_c.shape[-1]
+    chunk_end = running_c[..., -1]  # (B, H, nc): running max after each chunk
     chunk_start = torch.cat([ref_in[..., None], chunk_end[..., :-1]], dim=-1)  # (B, H, nc): before each chunk
-
-    # each chunk's contribution, relative to its own end: T_c = phi(K_c)^T diag(exp(g - R_end)) V1_c
-    key_weights = _decay(log_scale, chunk_end[..., None])  # (B, H, nc, C)
-    summaries = (phi_k * key_weights[..., None]).transpose(-1, -2) @ v1  # (B, H, nc, m, d + 1)
-
-    # the state before each chunk (and after the last): S_c = sum_{c' < c} exp(R_end,c' - R_start,c) T_c'
-    nc = phi_q.shape[2]
     starts = torch.cat([chunk_start, chunk_end[..., -1:]], dim=-1)  # (B, H, nc + 1)
-    earlier = torch.ones(nc + 1, nc, dtype=torch.bool, device=q.device).tril(-1)  # (nc+1, nc): c' < c
+
+    # each chunk's summary relative to its end: T_c = (phi(K_c) diag(exp(g - R_end,c)))^T V1_c
+    key_weights = _decay(log_scale_c, chunk_end[..., None])  # (B, H, nc, C), <= 1
+    weighted_k = phi_k_c * key_weights[..., None]  # (B, H, nc, C, m)
+    summaries = weighted_k.transpose(-1, -2) @ v1_c  # (B, H, nc, m, d + 1)
+    # the state entering each chunk (and leaving the last): S_c = sum_{c'<c} exp(R_end,c' - R_start,c) T_c'
+    earlier = torch.ones(nc + 1, nc, dtype=torch.bool, device=q.device).tril(-1)  # (nc + 1, nc): c' < c
     carry = _decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), starts[..., :, None])  # (B,H,nc+1,nc)
-    states = (carry @ summaries.flatten(-2)).unflatten(-1, summaries.shape[-2:])  # (B, H, nc + 1, m, d + 1)
-    states = states + _decay(ref_in[..., None], starts)[..., None, None] * kv_in[:, :, None]
-
-    # inter-chunk: phi(q_i)^T S_c rescaled from R_start,c to M_i
-    inter = (phi_q @ states[:, :, :nc]) * _decay(chunk_start[..., None], running)[..., None]  # (B, H, nc, C, d+1)
-    # intra-chunk: tril(phi(Q_c) phi(K_c)^T) with weights exp(g_j - M_i), exponent <= 0 for j <= i
+    entry = _decay(ref_in[..., None], starts)  # (B, H, nc + 1): the incoming state, rescaled
+    states = (carry @ summaries.flatten(-2)).unflatten(-1, (m, d + 1))  # (B, H, nc + 1, m, d + 1)
+    states = states + entry[..., None, None] * kv_in[:, :, None]
+    # inter-chunk: phi(q_i)^T S_c, rescaled from R_start,c to M_i
+    row_scale = _decay(chunk_start[..., None], running_c)  # (B, H, nc, C), <= 1
+    # intra-chunk: phi(q_i) . phi(k_j) exp(g_j - M_i) for j <= i (exponent <= 0)
     future = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)  # (C, C): j > i
-    exponent = (log_scale[..., None, :] - running.nan_to_num(neginf=0.0)[..., :, None]).masked_fill(future, NEG_INF)
-    scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(exponent)  # (B, H, nc, C, C)
-    out1 = inter + scores @ v1  # (B, H, nc, C, d + 1)
+    exponent = log_scale_c[..., None, :] - running_c.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
+    within = torch.exp(exponent.masked_fill_(future, NEG_INF))  # (B, H, nc, C, C)
+    scores = (phi_q_c @ phi_k_c.transpose(-1, -2)) * within  # (B, H, nc, C, C)
+    out1 = (phi_q_c @ states[:, :, :nc]) * row_scale[..., None] + scores @ v1_c  # (B, H, nc, C, d + 1)
+    if not backward:
+        out = _normalise(out1).flatten(2, 3)[..., :n, :]  # (B, H, n, d)
+        return out, states[:, :, nc].clone(), chunk_end[..., -1]
 
-    out = _normalise(out1).flatten(2, 3)[..., :n, :]  # (B, H, n, d)
-    return out, states[:, :, nc], chunk_end[..., -1]
+    grad_out, _ = pad_to_multiple(grad_out, size)
+    grad_out1 = _normalise_backward(out1, split_blocks(grad_out, size))  # (B, H, nc, C, d + 1)
+    # inter-chunk
+    scaled = grad_out1 * row_scale[..., None]  # (B, H, nc, C, d + 1)
+    grad_phi_q = scaled @ states[:, :, :nc].transpose(-1, -2)  # (B, H, nc, C, m)
+    grad_states = torch.cat([phi_q_c.transpose(-1, -2) @ scaled, grad_kv_out[:, :, None]], dim=2)  # (B,H,nc+1,m,d+1)
+    # intra-chunk
+    grad_scores = (grad_out1 @ v1_c.transpose(-1, -2)) * within  # (B, H, nc, C, C)
+    grad_phi_q = grad_phi_q + grad_scores @ phi_k_c
+    grad_phi_k = grad_scores.transpose(-1, -2) @ phi_q_c  # (B, H, nc, C, m)
+    grad_v1 = scores.transpose(-1, -2) @ grad_out1  # (B, H, nc, C, d + 1)
+    # through the carried states to the chunk summaries and the incoming state
+    grad_summaries = (carry.transpose(-1, -2) @ grad_states.flatten(-2)).unflatten(-1, (m, d + 1))  # (B,H,nc,m,d+1)
+    grad_kv_in = (entry[..., None, None] * grad_states).sum(dim=2)  # (B, H, m, d + 1)
+    grad_phi_k = grad_phi_k + (v1_c @ grad_summaries.transpose(-1, -2)) * key_weights[..., None]
+    grad_v1 = grad_v1 + weighted_k @ grad_summaries
+    # through the feature maps
+    exponential = feature_map.exponential
+    grad_q = _map_backward(raw_q, leaf_q, phi_q, grad_phi_q.flatten(2, 3), exponential)[..., :n, :]
+    grad_k = _map_backward(raw_k, leaf_k, phi_k, grad_phi_k.flatten(2, 3), exponential)[..., :n, :]
+    grad_v = grad_v1.flatten(2, 3)[..., :d]  # (B, H, L, d)
+    if mask is not None:
+        grad_v = grad_v.masked_fill(~mask[:, None, :, None], 0.0)
+    return grad_q, grad_k, grad_v[..., :n, :], grad_kv_in
 
 
 # ----------------------------------------------------------------------------- the slow reference

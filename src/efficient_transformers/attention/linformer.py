@@ -1,0 +1,143 @@
+"""Linformer (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity"; arXiv 2006.04768).
+
+Keys and values are projected along the length axis, from N to k rows, before dense attention:
+
+    head_i = softmax(Q W_i^Q (E_i K W_i^K)^T / sqrt(d)) F_i V W_i^V,    E_i, F_i in R^{k x N}
+
+Cost O(N k d) time and O(N k) memory (O(N d) here: the k-key attention runs through PyTorch's fused
+SDPA kernel). The projections are parameters of shape (k, max_seq_len); a sequence of N <=
+`max_seq_len` tokens uses their first N columns. Not causal: E K mixes all positions, so every
+output depends on future tokens (`causal=True` is refused).
+
+Padding: padded keys and values are zeroed before the projection, so they add nothing to E K and
+F V, and outputs at real positions do not depend on padded content. A projected slot that only
+padded positions feed (every slot of an all-padded item; with E = F = I, exactly the padded
+positions) is excluded from the softmax, so a query whose keys are all padded gets zeros and the
+identity projection is exactly dense attention under the key mask.
+
+Options:
+- `k` (default 256, the paper's setting for n = 512 ... 4096, where k stays fixed as n grows);
+- `sharing`, the paper's parameter-sharing schemes:
+    "none"      one E_i, F_i per head;
+    "headwise"  one E and one F per layer, shared by the heads (default: the paper reports no loss
+                from sharing and it keeps the parameters at 2 k max_seq_len per layer);
+    "kv"        one E per layer for keys and values (E = F) and all heads (as in LRA's Linformer);
+  layerwise sharing (one E for all layers) spans layers, which `build_attention` cannot express;
+  build every layer with sharing="kv" and tie them with `share_layerwise(layers)`, which makes all
+  of them use the first layer's projection (one parameter, saved once by safetensors);
+- `max_seq_len` (default 4096; the models pass theirs): the longest sequence, the projections' width.
+
+Initialisation: uniform with bound sqrt(3 / (max_seq_len + k)) (Xavier with gain 1/sqrt(2)), so E K
+has the scale of one key whatever max_seq_len is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..core import AttentionLayer, dense_attention, zero_padded
+from ..registry import Card, register
+
+SHARING = ("none", "headwise", "kv")
+
+
+@register(
+    Card(
+        name="linformer",
+        title="Linformer",
+        paper="Wang et al., Linformer: Self-Attention with Linear Complexity, 2020 (arXiv 2006.04768)",
+        year=2020,
+        complexity="O(N)",
+        classes=("LR",),
+        causal=False,
+        bidirectional=True,
+        options={"k": 256, "sharing": "headwise", "max_seq_len": 4096},
+        decoding="none",
+        notes="the length projection E K mixes every position, so each output would depend on future tokens",
+    )
+)
+class LinformerAttention(AttentionLayer):
+    small_options = {"k": 8, "max_seq_len": 160}
+
+    def __init__(
+        self, dim: int, heads: int, causal: bool = False, *, k: int = 256, sharing: str = "headwise", max_seq_len: int = 4096
+    ) -> None:
+        name = self.card.name
+        if causal:
+            raise ValueError(f"{name}: causal=True is not supported ({self.card.notes}); allowed: causal=False")
+        super().__init__(dim, heads, causal, max_seq_len=max_seq_len)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"{name}: k (the projected length) must be a positive int, got {k!r}")
+        if sharing not in SHARING:
+            raise ValueError(
+                f"{name}: unknown sharing {sharing!r}; allowed: {list(SHARING)} "
+                "(layerwise: build with sharing='kv' and call share_layerwise(layers))"
+            )
+        self.k, self.sharing = k, sharing
+        copies = heads if sharing == "none" else 1
+        self.proj_k = nn.Parameter(self._init_projection(copies, k, max_seq_len))  # (1 | H, k, max_seq_len)
+        self.proj_v = None if sharing == "kv" else nn.Parameter(self._init_projection(copies, k, max_seq_len))
+
+    @staticmethod
+    def _init_projection(copies: int, k: int, max_seq_len: int) -> Tensor:
+        bound = math.sqrt(3.0 / (max_seq_len + k))
+        return torch.empty(copies, k, max_seq_len).uniform_(-bound, bound)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: None):
+        B, H, n, d = q.shape
+        k, v = zero_padded(k, mask), zero_padded(v, mask)  # (B, H, N, d): padding adds nothing below
+        proj_k = self.proj_k[..., :n].to(k.dtype)  # (1 | H, k, N)
+        proj_v = proj_k if self.proj_v is None else self.proj_v[..., :n].to(v.dtype)
+        k_short, v_short = _project(proj_k, k), _project(proj_v, v)  # (B, H, k, d)
+        if mask is None:
+            return dense_attention(q, k_short, v_short), None  # (B, H, N, d)
+        # a projected slot built from padding alone carries nothing: exclude it (with E = F = I this is
+        # exactly the key mask; with dense projections only all-padded items lose their slots)
+        real = mask.T.to(proj_k.dtype)  # (N, B)
+        filled = ((proj_k.abs() @ real) > 0) | ((proj_v.abs() @ real) > 0)  # (1 | H, k, B)
+        slot_mask = filled.permute(2, 0, 1)  # (B, 1 | H, k)
+        if slot_mask.shape[1] == 1:
+            return dense_attention(q, k_short, v_short, key_mask=slot_mask[:, 0]), None
+        fold = lambda t: t.reshape(B * H, 1, t.shape[-2], d)  # noqa: E731  heads into the batch: per-head slot masks
+        out = dense_attention(fold(q), fold(k_short), fold(v_short), key_mask=slot_mask.reshape(B * H, -1))
+        return out.view(B, H, n, d), None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, sharing={self.sharing}, max_seq_len={self.max_seq_len}"
+
+
+def _project(projection: Tensor, x: Tensor) -> Tensor:
+    """(1 | H, k, N) @ (B, H, N, d) -> (B, H, k, d). A projection shared by the heads is one matrix
+    product over all (batch, head) columns, without copying the projection per head."""
+    if projection.shape[0] > 1:
+        return projection @ x  # (B, H, k, d)
+    B, H, n, d = x.shape
+    columns = x.permute(2, 0, 1, 3).reshape(n, B * H * d)  # (N, B*H*d), a view when B = 1
+    return (projection[0] @ columns).view(-1, B, H, d).permute(1, 2, 0, 3)  # (B, H, k, d)
+
+
+def share_layerwise(layers: Iterable[LinformerAttention]) -> None:
+    """Layerwise sharing: every layer uses the first layer's projection E (for keys and values).
+
+    All layers must be Linformer layers built with sharing="kv" and the same k and max_seq_len.
+    E.g. `share_layerwise(block.attn for block in model.stack.blocks)`.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("linformer: share_layerwise needs at least one layer")
+    first = layers[0]
+    for layer in layers:
+        if not isinstance(layer, LinformerAttention):
+            raise ValueError(f"linformer: share_layerwise got a {type(layer).__name__}; allowed: Linformer layers")
+        if layer.sharing != "kv" or layer.k != first.k or layer.max_seq_len != first.max_seq_len:
+            raise ValueError(
+                "linformer: share_layerwise needs layers built with sharing='kv' and equal k and max_seq_len, got "
+                f"sharing={layer.sharing!r}, k={layer.k}, max_seq_len={layer.max_seq_len} "
+                f"(first layer: k={first.k}, max_seq_len={first.max_seq_len})"
+            )
+    for layer in layers[1:]:
+        layer.proj_k = first.proj_k
