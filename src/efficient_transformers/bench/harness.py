@@ -165,11 +165,29 @@ def _extra_flop_formulas() -> dict[Any, Callable[..., int]]:
     return formulas
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's ModuleTracker: every count goes to "Global" and no hooks are set."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def count_flops(step: Callable[[], None]) -> int:
-    """Matrix-product FLOPs of one call of `step`, by `FlopCounterMode` (plus CPU fused attention)."""
+    """Matrix-product FLOPs of one call of `step`, by `FlopCounterMode` (plus CPU fused attention).
+
+    Only the total is needed, so the mode's per-module attribution is switched off: its ModuleTracker
+    hooks module inputs into autograd and fails ("Expected gradient function to be set") on a module
+    called inside a custom `autograd.Function` (a feature map inside a chunked kernel scan)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
         step()
     return int(counter.get_total_flops())
 
