@@ -4,3 +4,4 @@ from . import vanilla  # noqa: F401
 from . import linear_transformer  # noqa: F401
 from . import performer  # noqa: F401
 from . import linformer  # noqa: F401
+from . import synthesizer  # noqa: F401
