@@ -133,6 +133,8 @@ class Trainer:
             if not (self.out_dir / ckpt.STATE_FILE).is_file():
                 raise ValueError(f"--resume: no checkpoint to resume in {self.out_dir} ({ckpt.STATE_FILE} not found)")
             saved = ckpt.read_json(self.out_dir / ckpt.STATE_FILE, "trainer state")
+            if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+                raise ValueError(f"{self.out_dir / ckpt.STATE_FILE}: expected a trainer state with a 'config' object")
             changed = TrainConfig.from_json(saved["config"]).differences(self.config, ignore=RESUME_MAY_CHANGE)
             if changed:
                 raise ValueError(f"--resume: settings differ from the checkpoint in {self.out_dir}: {sorted(changed)}")
@@ -188,11 +190,11 @@ class Trainer:
         step_stats = BatchStats()
         for micro in range(cfg.accum):
             batch = self._train_batch(self.step * cfg.accum + micro)
-            sync = micro == cfg.accum - 1
-            with (contextlib.nullcontext() if sync or not self.env.distributed else model.no_sync()), self._autocast():
-                loss_sum, stats = batch_statistics(model, batch, self.task.kind)
-                loss = loss_sum / max(stats.count, 1.0) / cfg.accum
-            loss.backward()
+            last = micro == cfg.accum - 1  # DDP averages gradients over processes after the last one only
+            with contextlib.nullcontext() if last or not self.env.distributed else model.no_sync():
+                with self._autocast():
+                    loss_sum, stats = batch_statistics(model, batch, self.task.kind)
+                (loss_sum / max(stats.count, 1.0) / cfg.accum).backward()
             step_stats.add(stats)
         if not math.isfinite(step_stats.loss_sum):
             raise FloatingPointError(f"training diverged: the loss is {step_stats.loss_sum} at step {self.step + 1}; "
