@@ -137,16 +137,25 @@ def test_progress_bar_draws_on_a_terminal_only():
     assert shown.getvalue().endswith("\n")
 
 
-def test_slow_steps_get_one_warm_up_call_and_min_rounds(clock):
-    calls = []
+def test_a_known_slow_step_time_replaces_the_timed_warm_up_call(clock):
+    calls, counted = [], []
 
     def slow():
         calls.append(clock.now)
         clock.now += 2.0
 
-    result = harness.time_interleaved({"vanilla": slow}, plan())
-    assert len(calls) == 1 + 3  # one warm-up call (slower than SLOW_WARMUP_S), then min_rounds samples of 1 step
+    def count_on_first_call(name, step):
+        counted.append(name)
+        step()
+
+    result = harness.time_interleaved({"vanilla": slow}, plan(), first_call=count_on_first_call,
+                                      estimates_s={"vanilla": 2.0})
+    assert counted == ["vanilla"]
+    assert len(calls) == 1 + 3  # the first call only, then min_rounds samples of 1 step
     assert result.inner == {"vanilla": 1} and result.samples["vanilla"] == [2.0, 2.0, 2.0]
+    calls.clear()
+    harness.time_interleaved({"vanilla": slow}, plan(), estimates_s={"vanilla": 0.1})
+    assert len(calls) == 2 + 3  # a fast estimate is not trusted: a timed warm-up call plans the rounds
 
 
 class _ProjectInside(torch.autograd.Function):

@@ -40,12 +40,6 @@ def test_probe_catches_quadratic_memory_that_vanilla_avoids(server):
     scores_mib = HEADS * 2048**2 * 4 / 2**20
     assert toy[2048]["peak_mem_mb"] >= scores_mib
     assert vanilla[2048]["peak_mem_mb"] < scores_mib / 4
-    # FLOPs are counted in the same child: the projections (x3 for forward + backward) and the fused
-    # attention, 2 products forward (4 B H N^2 d) and 5 backward (the scores are recomputed).
-    n = 2048
-    projections = 2 * n * DIM * 3 * DIM + 2 * n * DIM * DIM
-    attention = 4 * HEADS * n * n * (DIM // HEADS)
-    assert vanilla[n]["flops"] == 3 * projections + attention * 7 // 2
     assert "quadratic" not in [c.name for c in et.mechanisms()]
 
 
@@ -86,14 +80,14 @@ def test_without_proc_the_probe_reports_no_memory_but_still_measures(monkeypatch
     answer = memory.measure_in_this_process(work.to_json(), threads=1)
     assert answer["status"] == "ok" and answer["peak_mem_mb"] is None
     assert "unavailable" in answer["memory_note"] and "/nonexistent/status" in answer["memory_note"]
-    assert answer["flops"] == 2 * 32 * DIM * 4 * DIM + 4 * HEADS * 32 * 32 * (DIM // HEADS)
+    assert answer["first_step_ms"] > 0
 
 
 def test_spawn_fallback_gives_the_same_verdicts():
     """Where fork is unavailable each configuration runs in a fresh interpreter."""
     request = {"workload": harness.Workload(mechanism="quadratic", seq_len=512, mode="train", dim=DIM, heads=HEADS,
                                             factory=f"{TOYS}:quadratic").to_json(),
-               "timeout_s": 60.0, "threads": 1, "flops": False}
+               "timeout_s": 60.0, "threads": 1}
     answer = memory._spawn_and_measure(request)
-    assert answer["status"] == "ok" and answer["flops"] is None
+    assert answer["status"] == "ok"
     assert answer["peak_mem_mb"] >= HEADS * 512**2 * 4 / 2**20

@@ -8,7 +8,8 @@ builds it (projections included) on an input x of shape (B, N, dim):
   gradients reset to None before each step (as `optimizer.zero_grad()` does), a fixed random
   output gradient.
 
-Time (`time_interleaved`): every layer of one (N, mode) block is warmed up, then timed in rounds; each
+Time (`time_interleaved`): every layer of one (N, mode) block is warmed up (the runner counts FLOPs on
+that first call), then timed in rounds; each
 round runs every mechanism once, in an order rotated by one each round, so drift of a shared machine
 hits all mechanisms alike. A sample is `inner` back-to-back steps (enough to last `sample_min_s`)
 divided by `inner`. The figures are the median sample and the median over rounds of the ratio to
@@ -40,7 +41,7 @@ MODES = ("forward", "train")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 TINY_WARMUP_LEN = 16
-SLOW_WARMUP_S = 0.5  # a first call slower than this is warm-up enough
+SLOW_WARMUP_S = 0.5  # a known step time above this plans the rounds without a timed warm-up call
 
 
 @dataclass(frozen=True)
@@ -244,18 +245,23 @@ class TimingResult:
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], plan: TimingPlan, device: str = "cpu",
-                     on_round: Callable[[int, int], None] | None = None) -> TimingResult:
-    """Warm each step up, then time all of them in rounds with a rotating order (see module doc)."""
+                     on_round: Callable[[int, int], None] | None = None,
+                     first_call: Callable[[str, Callable[[], None]], None] | None = None,
+                     estimates_s: dict[str, float] | None = None) -> TimingResult:
+    """Warm each step up, then time all of them in rounds with a rotating order (see module doc).
+
+    `first_call(name, step)` replaces the plain first (warm-up) call, e.g. to count FLOPs on it.
+    `estimates_s[name]`, a step time known from elsewhere (the memory probe): when it is at least
+    `SLOW_WARMUP_S`, it plans the rounds and no second, timed warm-up call is made."""
     failures: dict[str, BaseException] = {}
     inner: dict[str, int] = {}
     rounds: dict[str, int] = {}
     for name, step in steps.items():
         try:
-            start = time.perf_counter()
-            step()  # first call: lazy initialisation
+            (first_call or (lambda _, s: s()))(name, step)  # lazy initialisation
             synchronize(device)
-            step_s = time.perf_counter() - start
-            if step_s < SLOW_WARMUP_S:  # a second call gives a truer estimate; slow steps need no inner loop anyway
+            step_s = (estimates_s or {}).get(name) or 0.0
+            if step_s < SLOW_WARMUP_S:  # a timed call for the estimate; slow steps need no inner loop anyway
                 start = time.perf_counter()
                 step()
                 synchronize(device)

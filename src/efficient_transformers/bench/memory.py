@@ -12,15 +12,17 @@ In the child, for one `Workload`:
    kernel caches) and return freed heap memory to the OS (`malloc_trim`);
 2. CPU: reset the high-water mark (write "5" to /proc/self/clear_refs) and read VmRSS;
    CUDA: `torch.cuda.reset_peak_memory_stats()` and `memory_allocated()`;
-3. run the step once at N, timed;
+3. run the step once at N, timed (the parent uses this time to plan its timing rounds);
 4. peak = VmHWM - VmRSS before the step (CPU) or `max_memory_allocated()` - allocated before (CUDA):
-   the memory the step needs on top of the layer's parameters and the inputs, in MiB;
-5. count the step's FLOPs (a second step under `FlopCounterMode`).
+   the memory the step needs on top of the layer's parameters and the inputs, in MiB.
+
+FLOPs are not counted here: the parent counts them during its warm-up call, a call it needs anyway,
+which saves a step per configuration.
 
 The server enforces the per-configuration time limit (the child is killed: status "timeout"); a
 child killed by SIGKILL without an answer was most likely taken by the kernel's out-of-memory killer
 (status "oom"); allocation errors raised inside the child are "oom" too. Where /proc is missing the
-CPU peak is null and the probe still gives time, FLOPs and failures. On platforms without `fork`,
+CPU peak is null and the probe still gives the step's time and failures. On platforms without `fork`,
 each configuration runs in a fresh interpreter instead (slower, same isolation).
 
 `main(["--serve"])` is the server (JSON lines on stdin/stdout), `main(["--once"])` measures one
@@ -83,15 +85,15 @@ def _malloc_trim() -> None:
         pass  # not glibc: nothing to trim; the fresh process keeps the error small
 
 
-def measure_in_this_process(work_json: dict[str, Any], threads: int, want_flops: bool = True) -> dict[str, Any]:
-    """Steps 1-5 of the module docstring for one workload; returns the probe's answer."""
+def measure_in_this_process(work_json: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring for one workload; returns the probe's answer."""
     import torch
 
     from . import harness
 
     torch.set_num_threads(threads)
     work = harness.Workload.from_json(work_json)
-    answer: dict[str, Any] = {"status": "ok", "error": None, "peak_mem_mb": None, "flops": None,
+    answer: dict[str, Any] = {"status": "ok", "error": None, "peak_mem_mb": None,
                               "first_step_ms": None, "memory_note": None, "warnings": []}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -123,11 +125,6 @@ def measure_in_this_process(work_json: dict[str, Any], threads: int, want_flops:
                 answer["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - before) / MIB
             elif before is not None:
                 answer["peak_mem_mb"] = max(0, _read_status_kib("VmHWM") * 1024 - before) / MIB
-            if want_flops:
-                try:
-                    answer["flops"] = harness.count_flops(step)
-                except Exception as err:  # the step ran; only the counting failed: say so, keep the row
-                    answer["warnings"].append(f"FLOP count failed: {type(err).__name__}: {err}"[:300])
         except Exception as err:
             answer["status"], answer["error"] = harness.classify_failure(err)
     answer["warnings"] += sorted({f"{w.category.__name__}: {w.message}"[:300] for w in caught})
@@ -148,7 +145,7 @@ def _fork_and_measure(request: dict[str, Any]) -> dict[str, Any]:
             os.dup2(devnull, 0)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
-            answer = measure_in_this_process(request["workload"], request["threads"], request.get("flops", True))
+            answer = measure_in_this_process(request["workload"], request["threads"])
             with os.fdopen(write_fd, "wb") as out:
                 out.write(json.dumps(answer).encode())
         except BaseException:  # noqa: BLE001 - the child must never return into the server loop
@@ -177,7 +174,7 @@ def _fork_and_measure(request: dict[str, Any]) -> dict[str, Any]:
     _, wait_status = os.waitpid(pid, 0)
     if timed_out:
         return {"status": "timeout", "error": f"exceeded the per-configuration limit of {timeout_s:g} s "
-                "(build, one step and the FLOP count, in the isolated probe)"}
+                "(build and one step, in the isolated probe)"}
     return _answer_from(b"".join(chunks), wait_status)
 
 
@@ -225,7 +222,6 @@ def serve() -> None:
     from . import harness  # noqa: F401
 
     registry.mechanisms()  # import every mechanism module once
-    _preload_flop_counter()
     measure = _fork_and_measure if hasattr(os, "fork") else _spawn_and_measure
     protocol.write(json.dumps({"ready": True, "fork": hasattr(os, "fork")}) + "\n")
     for line in sys.stdin:
@@ -236,17 +232,6 @@ def serve() -> None:
         answer = measure(request)
         answer["probe_wall_s"] = time.perf_counter() - start
         protocol.write(json.dumps(answer) + "\n")
-
-
-def _preload_flop_counter() -> None:
-    """FlopCounterMode imports ~800 modules (sympy, fake tensors) at its first operation: ~1.5 s that
-    every forked child would pay again. A 2-element add under the mode triggers them here; it is far
-    below any parallel grain size, so no thread pool starts in the server."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False):
-        torch.ones(2) + 1
 
 
 def _child_env() -> dict[str, str]:
@@ -292,10 +277,10 @@ class ProbeServer:
         line = proc.stdout.readline()
         return line.decode() if line else None
 
-    def measure(self, work_json: dict[str, Any], timeout_s: float, *, flops: bool = True) -> dict[str, Any]:
+    def measure(self, work_json: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = self._start()
-        request = {"workload": work_json, "timeout_s": timeout_s, "threads": self.threads, "flops": flops}
+        request = {"workload": work_json, "timeout_s": timeout_s, "threads": self.threads}
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -342,7 +327,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv == ["--once"]:
         request = json.loads(sys.stdin.read())
-        print(json.dumps(measure_in_this_process(request["workload"], request["threads"], request.get("flops", True))))
+        print(json.dumps(measure_in_this_process(request["workload"], request["threads"])))
         return 0
     print(f"usage: {__name__}.main(['--serve' | '--once']), got {argv!r}", file=sys.stderr)
     return 2

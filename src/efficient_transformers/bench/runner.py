@@ -3,10 +3,11 @@
 For each length N (ascending) and each mode, one *block*:
 
 1. every mechanism's configuration goes through the isolated memory probe (`memory.py`): peak
-   memory, FLOPs, one step's time, and the verdict (ok / oom / timeout / error / unsupported), each in
-   a fresh process under the per-configuration time limit;
+   memory, one step's time, and the verdict (ok / oom / timeout / error / unsupported), each in a
+   fresh process under the per-configuration time limit;
 2. the mechanisms that passed are timed in the parent, interleaved in rounds (`harness.py`), with
-   vanilla in the same rounds so that the time ratio to vanilla is paired round by round.
+   vanilla in the same rounds so that the time ratio to vanilla is paired round by round; their FLOPs
+   are counted on the warm-up call.
 
 A mechanism that ran out of memory or time at N is not tried again at larger N in that mode (its rows
 say so). Results are written to `out_dir/bench.json` after every block, and the full report
@@ -317,7 +318,7 @@ class _Benchmark:
             else:
                 self.bar.update(description=f"{name} N={n} {mode}: memory probe")
                 answer = server.measure(work.to_json(), self.plan.timeout_s)
-                row.update({k: answer.get(k) for k in ("status", "error", "peak_mem_mb", "flops", "first_step_ms",
+                row.update({k: answer.get(k) for k in ("status", "error", "peak_mem_mb", "first_step_ms",
                                                        "probe_wall_s")})
                 row["warnings"] = answer.get("warnings") or []
                 if answer.get("memory_note") and answer["memory_note"] not in self.config["notes"]:
@@ -337,12 +338,21 @@ class _Benchmark:
             except Exception as err:
                 _fail(rows[name], *harness.classify_failure(err))
         self.bar.update(description=f"N={n} {mode}: timing {len(steps)} mechanism(s), warm-up")
+        def count_flops_on_warm_up(name: str, step) -> None:
+            try:
+                rows[name]["flops"] = harness.count_flops(step)
+            except Exception as err:  # the plain call below decides whether the step itself fails
+                rows[name]["warnings"].append(f"FLOP count failed: {type(err).__name__}: {err}"[:300])
+                step()
+
+        estimates_s = {name: rows[name]["first_step_ms"] / 1e3 for name in steps if rows[name]["first_step_ms"]}
         gc.collect()
         gc.disable()
         try:
             timing = harness.time_interleaved(
                 steps, self.plan, self.config["device"],
-                on_round=lambda r, total: self.bar.update(description=f"N={n} {mode}: timing round {r}/{total}"))
+                on_round=lambda r, total: self.bar.update(description=f"N={n} {mode}: timing round {r}/{total}"),
+                first_call=count_flops_on_warm_up, estimates_s=estimates_s)
         finally:
             gc.enable()
         del steps
