@@ -6,17 +6,18 @@ Kernel attention replaces exp(q . k) by phi(q) . phi(k) with phi: R^d -> R^m_{>=
 
 can be re-associated as phi(Q) (phi(K)^T V) and never forms an N x N matrix (see `kernel_attention`).
 
-Feature maps are small pluggable modules of two kinds:
-
-- **direct** maps return phi(x) itself: `EluPlusOne` (Linear Transformer), `ReluRandomFeatures`
-  (Performer's "generalized attention" with f = ReLU);
-- **exponential** maps (`exponential = True`) return log phi(x): `PositiveRandomFeatures` (FAVOR+,
-  positive and hyperbolic). The attention code exponentiates them itself, after subtracting
-  stabilisers that cancel in the ratio above, so the features can neither overflow nor all underflow
-  (see `kernel_attention` for how the key stabiliser stays exactly causal).
+Every map's `forward(x)` is its definition, phi(x) (..., N, m), used by the slow references.
+Exponential maps (`exponential = True`: FAVOR+'s positive and hyperbolic features) also expose
+their logarithm in two parts, `projection(x)` (varies across features) and `log_norm(x)` (one
+value per row), so that kernel attention can evaluate them stably: it subtracts stabilisers that
+cancel in the ratio above (see `kernel_attention`), and a query's log-norm, a per-row constant, is
+never computed at all.
 
 Feature maps are defined up to a positive constant factor (Performer's 1/sqrt(m)): it cancels in
-the normalised attention, so it is left out.
+the normalised attention, so it is left out. As in the Performer reference implementation, the
+random-feature maps add a small stabiliser `epsilon` to every feature (relative to the row's
+largest feature for FAVOR+, absolute for ReLU); it keeps each normaliser at least epsilon times the
+query's largest feature, so neither the output nor its gradient can divide by an underflowed sum.
 
 Random features are buffers (saved with the weights). `gaussian_random_matrix` draws them from an
 explicit `torch.Generator`, so a layer built after `torch.manual_seed(s)` is reproducible and a
@@ -56,9 +57,10 @@ def gaussian_random_matrix(
 
 
 class FeatureMap(nn.Module):
-    """phi: (..., N, d) -> (..., N, m). Exponential maps return log phi instead (see module doc)."""
+    """phi: (..., N, d) -> (..., N, m), non-negative. Exponential maps also give log phi in parts."""
 
     exponential: bool = False
+    epsilon: float = 0.0
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
@@ -110,19 +112,23 @@ class RandomFeatures(FeatureMap):
 
     def project(self, x: Tensor) -> Tensor:
         """x' omega^T with x' = x d^(-1/4), so that exp(q' . k') = exp(q . k / sqrt(d))."""
-        omega = self.omega.to(x.dtype)
-        return (x * self.head_dim**-0.25) @ omega.T  # (..., N, m)
+        return x @ (self.omega.to(x.dtype) * self.head_dim**-0.25).T  # (..., N, m)
 
 
 class PositiveRandomFeatures(RandomFeatures):
     """FAVOR+ (Choromanski et al. 2020): E[phi(q) . phi(k)] = exp(q . k / sqrt(d)), phi >= 0.
 
-    positive:    log phi(x) = omega x' - |x'|^2 / 2                         (m features)
-    hyperbolic:  log phi(x) = [omega x', -omega x'] - |x'|^2 / 2            (2m features, the paper's
-                 phi++, lower variance for the same draws)
+    positive:    phi(x) = exp(-|x'|^2 / 2) [exp(omega x') + eps max_f exp(omega_f x')]        (m features)
+    hyperbolic:  the same with [omega x', -omega x'] in place of omega x'                    (2m features,
+                 the paper's phi++, lower variance for the same draws)
+
+    log phi = log(exp(projection(x)) + eps max exp(projection(x))) + log_norm(x), with
+    projection(x) = omega x' and log_norm(x) = -|x'|^2 / 2; eps = 1e-6 (the reference
+    implementation's numerical stabiliser).
     """
 
     exponential = True
+    epsilon = 1e-6
 
     def __init__(self, head_dim: int, nb_features: int, *, orthogonal: bool, hyperbolic: bool = False) -> None:
         super().__init__(head_dim, nb_features, orthogonal=orthogonal)
@@ -132,21 +138,32 @@ class PositiveRandomFeatures(RandomFeatures):
     def num_features(self) -> int:
         return 2 * self.nb_features if self.hyperbolic else self.nb_features
 
-    def forward(self, x: Tensor) -> Tensor:
+    def projection(self, x: Tensor) -> Tensor:
+        """The part of log phi(x) that varies across features: omega x' (and -omega x'). (..., N, m)"""
         projected = self.project(x)  # (..., N, m)
-        half_sq_norm = x.square().sum(-1, keepdim=True) * (0.5 / math.sqrt(self.head_dim))  # (..., N, 1) = |x'|^2/2
-        if self.hyperbolic:
-            projected = torch.cat([projected, -projected], dim=-1)  # (..., N, 2m)
-        return projected - half_sq_norm  # log phi(x): (..., N, m)
+        return torch.cat([projected, -projected], dim=-1) if self.hyperbolic else projected
+
+    def log_norm(self, x: Tensor) -> Tensor:
+        """The per-row part of log phi(x): -|x'|^2 / 2. (..., N)"""
+        return x.square().sum(-1) * (-0.5 / math.sqrt(self.head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """phi(x) computed directly (it may overflow in float32: for references; attention uses the parts)."""
+        projected = self.projection(x)  # (..., N, m)
+        peak = projected.amax(dim=-1, keepdim=True).exp()  # (..., N, 1)
+        return (projected.exp() + self.epsilon * peak) * self.log_norm(x).exp()[..., None]  # (..., N, m)
 
 
 class ReluRandomFeatures(RandomFeatures):
-    """Performer's generalized attention with f = ReLU: phi(x) = relu(omega x'), a different kernel
-    than softmax (not an estimate of it)."""
+    """Performer's generalized attention with f = ReLU: phi(x) = relu(omega x') + eps, a different
+    kernel than softmax (not an estimate of it); eps = 1e-3 as in the reference implementation, so
+    no row of features is all zero."""
+
+    epsilon = 1e-3
 
     @property
     def num_features(self) -> int:
         return self.nb_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.project(x))  # (..., N, m)
+        return torch.relu(self.project(x)) + self.epsilon  # (..., N, m)

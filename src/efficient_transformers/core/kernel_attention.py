@@ -122,9 +122,17 @@ def _segment_mask(key_mask: Tensor | None, s: int, e: int) -> Tensor | None:
     return None if key_mask is None else key_mask[:, s:e]
 
 
-def _values_with_ones(v: Tensor, mask: Tensor | None) -> Tensor:
-    """[v, 1] (B, H, n, d + 1), padded rows zero: padded keys add nothing to numerator or normaliser."""
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+def _values_with_ones(v: Tensor, weights: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """[v w, w] (B, H, n, d + 1): the values and the ones column of the normaliser, each key's row scaled
+    by its weight w (B, H, n) (1 when None); padded rows zero, whatever their content."""
+    B, H, n, d = v.shape
+    v1 = v.new_empty(B, H, n, d + 1)
+    if weights is None:
+        v1[..., :d] = v
+        v1[..., d] = 1.0
+    else:
+        torch.mul(v, weights[..., None], out=v1[..., :d])
+        v1[..., d] = weights
     return v1 if mask is None else v1.masked_fill_(~mask[:, None, :, None], 0.0)
 
 
@@ -139,48 +147,93 @@ def _normalise_backward(out1: Tensor, grad_out: Tensor) -> Tensor:
     numerator, normaliser = out1[..., :-1], out1[..., -1:]
     has_keys = normaliser > 0
     safe = torch.where(has_keys, normaliser, torch.ones_like(normaliser))
-    grad_numerator = grad_out / safe
-    grad_normaliser = -(grad_numerator * numerator).sum(-1, keepdim=True) / safe
-    return torch.cat([grad_numerator, grad_normaliser.masked_fill_(~has_keys, 0.0)], dim=-1)
+    grad_out1 = torch.empty_like(out1)
+    torch.div(grad_out, safe, out=grad_out1[..., :-1])
+    grad_out1[..., -1:] = (-(grad_out1[..., :-1] * numerator).sum(-1, keepdim=True) / safe).masked_fill_(~has_keys, 0.0)
+    return grad_out1
 
 
-def _map(feature_map: FeatureMap, x: Tensor, graph: bool) -> tuple[Tensor, Tensor | None]:
-    """The map's output (log-features or features) for x; with `graph`, also the leaf it depends on,
-    so that the backward pass can differentiate the map by local autograd."""
-    if not graph:
-        return feature_map(x), None
-    leaf = x.detach().requires_grad_()
-    with torch.enable_grad():
-        return feature_map(leaf), leaf
+@dataclass
+class _Features:
+    """Features of one segment's queries or keys, and what their backward pass needs.
+
+    phi:       (B, H, n, m) stabilised features: phi(x) up to a per-row factor (exp(log_scale) for keys)
+    log_scale: (B, H, n) keys only: the log of that factor (-inf for padded keys); None for queries
+    peak:      (B, H, n) exponential maps: the index of each row's largest projection
+    raw, norm, leaf: the map's outputs with their graph back to `leaf` (backward pass only)
+    """
+
+    phi: Tensor
+    log_scale: Tensor | None
+    peak: Tensor | None = None
+    raw: Tensor | None = None
+    norm: Tensor | None = None
+    leaf: Tensor | None = None
 
 
-def _map_backward(raw: Tensor, leaf: Tensor, features: Tensor, grad_features: Tensor, exponential: bool) -> Tensor:
-    """d loss / d x from d loss / d features, where features = exp(raw - constant) or raw itself."""
-    grad_raw = grad_features * features if exponential else grad_features
-    return torch.autograd.grad(raw, leaf, grad_raw)[0]
+def _evaluate(feature_map: FeatureMap, x: Tensor, graph: bool, *, with_norm: bool):
+    """The map's raw output (projection for exponential maps, phi itself otherwise), its log-norm
+    when asked (exponential keys), and the leaf they hang from when `graph` (backward pass)."""
+    leaf = x.detach().requires_grad_() if graph else x
+    with torch.set_grad_enabled(graph):
+        if not feature_map.exponential:
+            return feature_map(leaf), None, leaf
+        norm = feature_map.log_norm(leaf) if with_norm else None  # (B, H, n)
+        return feature_map.projection(leaf), norm, leaf  # (B, H, n, m)
 
 
-def _query_features(feature_map: FeatureMap, raw: Tensor) -> Tensor:
-    """phi(q) up to a per-row constant (which cancels): each row's largest feature is 1."""
+def _stabilised(feature_map: FeatureMap, projection: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """exp(P - max_f P) + eps (B, H, n, m), each row's max and its index: phi(x) / exp(max + log_norm)."""
+    row_max, peak = projection.max(dim=-1)  # (B, H, n)
+    phi = (projection - row_max[..., None]).exp_().add_(feature_map.epsilon)  # (B, H, n, m), in (0, 1 + eps]
+    return phi, row_max, peak
+
+
+def _query_features(feature_map: FeatureMap, x: Tensor, graph: bool) -> _Features:
+    """phi(q) up to a per-row constant, which cancels in the normalised output (a query's log-norm is
+    never computed)."""
+    raw, _, leaf = _evaluate(feature_map, x, graph, with_norm=False)
     if not feature_map.exponential:
-        return raw  # (B, H, n, m)
-    return torch.exp(raw - raw.amax(dim=-1, keepdim=True))  # (B, H, n, m)
+        return _Features(raw.detach(), None, None, raw, None, leaf)
+    phi, _, peak = _stabilised(feature_map, raw.detach())
+    return _Features(phi, None, peak, raw, None, leaf)
+
+
+def _key_features(feature_map: FeatureMap, x: Tensor, mask: Tensor | None, graph: bool) -> _Features:
+    """Key features phi(k) exp(-g) and log-scales g (so phi = features e^g): for exponential maps
+    g = max_f P + log_norm and the features are <= 1 + eps; for direct maps g = 0. Padded keys get
+    g = -inf (weight 0)."""
+    raw, norm, leaf = _evaluate(feature_map, x, graph, with_norm=True)
+    if feature_map.exponential:
+        phi, row_max, peak = _stabilised(feature_map, raw.detach())
+        log_scale = row_max + norm.detach()  # (B, H, n)
+    else:
+        phi, peak = raw.detach(), None
+        log_scale = phi.new_zeros(phi.shape[:-1])  # (B, H, n)
+    if mask is not None:
+        log_scale = log_scale.masked_fill(~mask[:, None, :], NEG_INF)
+    return _Features(phi, log_scale, peak, raw, norm, leaf)
+
+
+def _features_backward(feature_map: FeatureMap, features: _Features, grad_phi: Tensor) -> Tensor:
+    """d loss / d x from d loss / d phi (the per-row factors that the caller applied held fixed).
+
+    Exponential maps: phi_f = exp(P_f - M) + eps with M = max_f P, scaled by exp(M + log_norm). The
+    exp term gives grad_phi (phi - eps); the eps term follows M, i.e. the row's largest projection;
+    the key log-norm multiplies the whole row, so it gets sum_f grad_phi phi. (Queries have no
+    log-norm: it cancels.)"""
+    if not feature_map.exponential:
+        return torch.autograd.grad(features.raw, features.leaf, grad_phi)[0]
+    eps = feature_map.epsilon
+    grad_norm = None if features.norm is None else (grad_phi * features.phi).sum(-1)  # (B, H, n)
+    grad_raw = grad_phi * (features.phi - eps)  # (B, H, n, m)
+    grad_raw.scatter_add_(-1, features.peak[..., None], eps * grad_phi.sum(-1, keepdim=True))
+    if grad_norm is None:
+        return torch.autograd.grad(features.raw, features.leaf, grad_raw)[0]
+    return torch.autograd.grad((features.raw, features.norm), features.leaf, (grad_raw, grad_norm))[0]
 
 
 # ----------------------------------------------------------------------------- bidirectional
-def _bidirectional_keys(feature_map: FeatureMap, raw: Tensor, mask: Tensor | None, log_ref: Tensor | None):
-    """Key features relative to exp(log_ref) (B, H, n, m), padded keys zero. Without `log_ref`, the
-    reference is these keys' largest log-feature (returned, (B, H); -inf when all are padded)."""
-    if not feature_map.exponential:
-        features = raw if mask is None else raw.masked_fill(~mask[:, None, :, None], 0.0)
-        return features, raw.new_zeros(raw.shape[:2]) if log_ref is None else log_ref
-    if mask is not None:
-        raw = raw.masked_fill(~mask[:, None, :, None], NEG_INF)
-    if log_ref is None:
-        log_ref = raw.amax(dim=(-2, -1))  # (B, H)
-    return torch.exp(raw - log_ref.nan_to_num(neginf=0.0)[..., None, None]), log_ref  # <= 1
-
-
 class _BidirectionalKernelAttention(torch.autograd.Function):
     """out = normalise(phi(Q) S), S = sum_j phi(k_j) [v_j, 1]^T, segment by segment (see module doc)."""
 
@@ -192,15 +245,16 @@ class _BidirectionalKernelAttention(torch.autograd.Function):
         log_ref = q.new_full((B, H), NEG_INF)
         for s, e in spans:
             mask = _segment_mask(key_mask, s, e)
-            phi_k, segment_ref = _bidirectional_keys(feature_map, feature_map(k[..., s:e, :]), mask, None)
-            summary = phi_k.transpose(-1, -2) @ _values_with_ones(v[..., s:e, :], mask)  # (B, H, m, d + 1)
+            keys = _key_features(feature_map, k[..., s:e, :], mask, graph=False)
+            segment_ref = keys.log_scale.amax(dim=-1)  # (B, H)
+            values = _values_with_ones(v[..., s:e, :], _decay(keys.log_scale, segment_ref[..., None]), mask)
+            summary = keys.phi.transpose(-1, -2) @ values  # (B, H, m, d + 1)
             new_ref = torch.maximum(log_ref, segment_ref)  # (B, H)
             kv = kv * _decay(log_ref, new_ref)[..., None, None] + summary * _decay(segment_ref, new_ref)[..., None, None]
             log_ref = new_ref
         out = v.new_empty(B, H, n, d)
         for s, e in spans:
-            phi_q = _query_features(feature_map, feature_map(q[..., s:e, :]))  # (B, H, n_s, m)
-            out[..., s:e, :] = _normalise(phi_q @ kv)
+            out[..., s:e, :] = _normalise(_query_features(feature_map, q[..., s:e, :], graph=False).phi @ kv)
         ctx.save_for_backward(q, k, v, key_mask, kv, log_ref)
         ctx.feature_map, ctx.segment_size = feature_map, segment_size
         return out
@@ -209,25 +263,22 @@ class _BidirectionalKernelAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, key_mask, kv, log_ref = ctx.saved_tensors
-        feature_map, exponential = ctx.feature_map, ctx.feature_map.exponential
+        feature_map = ctx.feature_map
         spans = _spans(q.shape[-2], ctx.segment_size)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_kv = torch.zeros_like(kv)  # (B, H, m, d + 1)
         for s, e in spans:
-            raw, leaf = _map(feature_map, q[..., s:e, :], graph=True)
-            phi_q = _query_features(feature_map, raw.detach())  # (B, H, n_s, m)
-            grad_out1 = _normalise_backward(phi_q @ kv, grad_out[..., s:e, :])  # (B, H, n_s, d + 1)
-            grad_kv += phi_q.transpose(-1, -2) @ grad_out1
-            grad_phi = grad_out1 @ kv.transpose(-1, -2)  # (B, H, n_s, m)
-            grad_q[..., s:e, :] = _map_backward(raw, leaf, phi_q, grad_phi, exponential)
+            queries = _query_features(feature_map, q[..., s:e, :], graph=True)
+            grad_out1 = _normalise_backward(queries.phi @ kv, grad_out[..., s:e, :])  # (B, H, n_s, d + 1)
+            grad_kv += queries.phi.transpose(-1, -2) @ grad_out1
+            grad_q[..., s:e, :] = _features_backward(feature_map, queries, grad_out1 @ kv.transpose(-1, -2))
         for s, e in spans:
             mask = _segment_mask(key_mask, s, e)
-            raw, leaf = _map(feature_map, k[..., s:e, :], graph=True)
-            phi_k, _ = _bidirectional_keys(feature_map, raw.detach(), mask, log_ref)  # (B, H, n_s, m)
-            v1 = _values_with_ones(v[..., s:e, :], mask)  # (B, H, n_s, d + 1)
-            grad_phi = v1 @ grad_kv.transpose(-1, -2)  # (B, H, n_s, m)
-            grad_v[..., s:e, :] = (phi_k @ grad_kv)[..., :-1]  # padded rows: phi_k = 0
-            grad_k[..., s:e, :] = _map_backward(raw, leaf, phi_k, grad_phi, exponential)
+            keys = _key_features(feature_map, k[..., s:e, :], mask, graph=True)
+            weights = _decay(keys.log_scale, log_ref[..., None])  # (B, H, n_s): relative to the max over all keys
+            values = _values_with_ones(v[..., s:e, :], weights, mask)  # (B, H, n_s, d + 1)
+            grad_v[..., s:e, :] = (keys.phi @ grad_kv)[..., :-1] * weights[..., None]
+            grad_k[..., s:e, :] = _features_backward(feature_map, keys, values @ grad_kv.transpose(-1, -2))
         return grad_q, grad_k, grad_v, None, None, None
 
 
@@ -279,31 +330,22 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, grad_
     (q, _), (k, _), (v, pad) = (pad_to_multiple(t, size) for t in (q, k, v))  # (B, H, L = nc * C, .)
     mask = None if mask is None and pad == 0 else pad_mask_to_multiple(mask, n, size, B, q.device)
     backward = grad_out is not None
-    raw_q, leaf_q = _map(feature_map, q, backward)
-    raw_k, leaf_k = _map(feature_map, k, backward)
-    phi_q = _query_features(feature_map, raw_q.detach())  # (B, H, L, m)
-    if feature_map.exponential:
-        log_scale = raw_k.detach().amax(dim=-1)  # (B, H, L): g_j, each key's own largest log-feature
-        phi_k = torch.exp(raw_k.detach() - log_scale[..., None])  # (B, H, L, m), <= 1
-    else:
-        phi_k = raw_k.detach()  # (B, H, L, m)
-        log_scale = phi_k.new_zeros(phi_k.shape[:-1])  # (B, H, L)
-    if mask is not None:
-        log_scale = log_scale.masked_fill(~mask[:, None, :], NEG_INF)  # padded keys weigh exp(-inf) = 0
-    v1 = _values_with_ones(v, mask)  # (B, H, L, d + 1)
-    running = torch.maximum(log_scale.cummax(dim=-1).values, ref_in[..., None])  # (B, H, L): M_i
+    queries = _query_features(feature_map, q, backward)  # phi: (B, H, L, m)
+    keys = _key_features(feature_map, k, mask, backward)  # phi: (B, H, L, m), log_scale g: (B, H, L)
+    v1 = _values_with_ones(v, None, mask)  # (B, H, L, d + 1)
+    running = torch.maximum(keys.log_scale.cummax(dim=-1).values, ref_in[..., None])  # (B, H, L): M_i
 
-    phi_q_c, phi_k_c, v1_c = split_blocks(phi_q, size), split_blocks(phi_k, size), split_blocks(v1, size)  # (B,H,nc,C,.)
-    log_scale_c, running_c = log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
-    nc, m = phi_q_c.shape[2], phi_q_c.shape[-1]
-    chunk_end = running_c[..., -1]  # (B, H, nc): running max after each chunk
+    phi_q, phi_k, v1 = split_blocks(queries.phi, size), split_blocks(keys.phi, size), split_blocks(v1, size)  # (B,H,nc,C,.)
+    log_scale, running = keys.log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
+    nc, m = phi_q.shape[2], phi_q.shape[-1]
+    chunk_end = running[..., -1]  # (B, H, nc): running max after each chunk
     chunk_start = torch.cat([ref_in[..., None], chunk_end[..., :-1]], dim=-1)  # (B, H, nc): before each chunk
     starts = torch.cat([chunk_start, chunk_end[..., -1:]], dim=-1)  # (B, H, nc + 1)
 
-    # each chunk's summary relative to its end: T_c = (phi(K_c) diag(exp(g - R_end,c)))^T V1_c
-    key_weights = _decay(log_scale_c, chunk_end[..., None])  # (B, H, nc, C), <= 1
-    weighted_k = phi_k_c * key_weights[..., None]  # (B, H, nc, C, m)
-    summaries = weighted_k.transpose(-1, -2) @ v1_c  # (B, H, nc, m, d + 1)
+    # each chunk's summary relative to its end: T_c = phi(K_c)^T diag(exp(g - R_end,c)) V1_c
+    key_weights = _decay(log_scale, chunk_end[..., None])  # (B, H, nc, C), <= 1
+    weighted_v1 = v1 * key_weights[..., None]  # (B, H, nc, C, d + 1)
+    summaries = phi_k.transpose(-1, -2) @ weighted_v1  # (B, H, nc, m, d + 1)
     # the state entering each chunk (and leaving the last): S_c = sum_{c'<c} exp(R_end,c' - R_start,c) T_c'
     earlier = torch.ones(nc + 1, nc, dtype=torch.bool, device=q.device).tril(-1)  # (nc + 1, nc): c' < c
     carry = _decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), starts[..., :, None])  # (B,H,nc+1,nc)
@@ -311,13 +353,13 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, grad_
     states = (carry @ summaries.flatten(-2)).unflatten(-1, (m, d + 1))  # (B, H, nc + 1, m, d + 1)
     states = states + entry[..., None, None] * kv_in[:, :, None]
     # inter-chunk: phi(q_i)^T S_c, rescaled from R_start,c to M_i
-    row_scale = _decay(chunk_start[..., None], running_c)  # (B, H, nc, C), <= 1
+    row_scale = _decay(chunk_start[..., None], running)  # (B, H, nc, C), <= 1
     # intra-chunk: phi(q_i) . phi(k_j) exp(g_j - M_i) for j <= i (exponent <= 0)
     future = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)  # (C, C): j > i
-    exponent = log_scale_c[..., None, :] - running_c.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
+    exponent = log_scale[..., None, :] - running.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
     within = torch.exp(exponent.masked_fill_(future, NEG_INF))  # (B, H, nc, C, C)
-    scores = (phi_q_c @ phi_k_c.transpose(-1, -2)) * within  # (B, H, nc, C, C)
-    out1 = (phi_q_c @ states[:, :, :nc]) * row_scale[..., None] + scores @ v1_c  # (B, H, nc, C, d + 1)
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * within  # (B, H, nc, C, C)
+    out1 = (phi_q @ states[:, :, :nc]) * row_scale[..., None] + scores @ v1  # (B, H, nc, C, d + 1)
     if not backward:
         out = _normalise(out1).flatten(2, 3)[..., :n, :]  # (B, H, n, d)
         return out, states[:, :, nc].clone(), chunk_end[..., -1]
@@ -327,25 +369,24 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, grad_
     # inter-chunk
     scaled = grad_out1 * row_scale[..., None]  # (B, H, nc, C, d + 1)
     grad_phi_q = scaled @ states[:, :, :nc].transpose(-1, -2)  # (B, H, nc, C, m)
-    grad_states = torch.cat([phi_q_c.transpose(-1, -2) @ scaled, grad_kv_out[:, :, None]], dim=2)  # (B,H,nc+1,m,d+1)
+    grad_states = torch.cat([phi_q.transpose(-1, -2) @ scaled, grad_kv_out[:, :, None]], dim=2)  # (B,H,nc+1,m,d+1)
     # intra-chunk
-    grad_scores = (grad_out1 @ v1_c.transpose(-1, -2)) * within  # (B, H, nc, C, C)
-    grad_phi_q = grad_phi_q + grad_scores @ phi_k_c
-    grad_phi_k = grad_scores.transpose(-1, -2) @ phi_q_c  # (B, H, nc, C, m)
+    grad_scores = (grad_out1 @ v1.transpose(-1, -2)) * within  # (B, H, nc, C, C)
+    grad_phi_q += grad_scores @ phi_k
+    grad_phi_k = grad_scores.transpose(-1, -2) @ phi_q  # (B, H, nc, C, m)
     grad_v1 = scores.transpose(-1, -2) @ grad_out1  # (B, H, nc, C, d + 1)
     # through the carried states to the chunk summaries and the incoming state
     grad_summaries = (carry.transpose(-1, -2) @ grad_states.flatten(-2)).unflatten(-1, (m, d + 1))  # (B,H,nc,m,d+1)
     grad_kv_in = (entry[..., None, None] * grad_states).sum(dim=2)  # (B, H, m, d + 1)
-    grad_phi_k = grad_phi_k + (v1_c @ grad_summaries.transpose(-1, -2)) * key_weights[..., None]
-    grad_v1 = grad_v1 + weighted_k @ grad_summaries
+    grad_phi_k += weighted_v1 @ grad_summaries.transpose(-1, -2)
+    grad_v1 += (phi_k @ grad_summaries) * key_weights[..., None]
     # through the feature maps
-    exponential = feature_map.exponential
-    grad_q = _map_backward(raw_q, leaf_q, phi_q, grad_phi_q.flatten(2, 3), exponential)[..., :n, :]
-    grad_k = _map_backward(raw_k, leaf_k, phi_k, grad_phi_k.flatten(2, 3), exponential)[..., :n, :]
-    grad_v = grad_v1.flatten(2, 3)[..., :d]  # (B, H, L, d)
+    grad_q = _features_backward(feature_map, queries, grad_phi_q.flatten(2, 3))[..., :n, :]
+    grad_k = _features_backward(feature_map, keys, grad_phi_k.flatten(2, 3))[..., :n, :]
+    grad_v = grad_v1.flatten(2, 3)[..., :n, :d]  # (B, H, n, d)
     if mask is not None:
-        grad_v = grad_v.masked_fill(~mask[:, None, :, None], 0.0)
-    return grad_q, grad_k, grad_v[..., :n, :], grad_kv_in
+        grad_v = grad_v.masked_fill(~mask[:, None, :n, None], 0.0)
+    return grad_q, grad_k, grad_v, grad_kv_in
 
 
 # ----------------------------------------------------------------------------- the slow reference
