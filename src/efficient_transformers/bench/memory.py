@@ -222,6 +222,8 @@ def serve() -> None:
     from . import harness  # noqa: F401
 
     registry.mechanisms()  # import every mechanism module once
+    gc.freeze()  # the imported objects move to a permanent generation: a child's gc.collect() skips them
+    # (0.1 s saved per configuration) and does not touch, hence copy, their pages
     measure = _fork_and_measure if hasattr(os, "fork") else _spawn_and_measure
     protocol.write(json.dumps({"ready": True, "fork": hasattr(os, "fork")}) + "\n")
     for line in sys.stdin:

@@ -53,7 +53,7 @@ class Effort:
 
 
 FULL_EFFORT = Effort(repeats=10, min_rounds=3, budget_s=15.0, timeout_s=300.0, sample_min_s=0.02, matmul_probe_s=1.0)
-QUICK_EFFORT = Effort(repeats=5, min_rounds=3, budget_s=1.5, timeout_s=30.0, sample_min_s=0.01, matmul_probe_s=0.3)
+QUICK_EFFORT = Effort(repeats=5, min_rounds=3, budget_s=1.0, timeout_s=30.0, sample_min_s=0.01, matmul_probe_s=0.3)
 NOISY_SPREAD = 0.25  # (max - min) / median of a row's samples above this: marked as noisy in the report
 BUSY_LOAD_FRACTION = 0.5  # load average above this fraction of the CPUs at start: a note says the machine is busy
 
