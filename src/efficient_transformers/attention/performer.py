@@ -27,6 +27,8 @@ Options (the paper's):
 
 Numerics: features and normalisers run in float32 (float64 for float64 inputs) with exact, causal
 stabilisers (see `core.kernel_attention`): no overflow for any input magnitude, no NaN in bf16/fp16.
+As in the reference implementation, every feature gets a small epsilon (1e-6 of the row's largest
+FAVOR+ feature; 1e-3 for ReLU), which keeps normalisers away from 0 and gradients finite.
 Memory: the backward pass recomputes the features one segment at a time (activation checkpointing),
 so m = 256 features cost no more memory than the N x d inputs.
 """

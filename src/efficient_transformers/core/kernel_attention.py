@@ -21,18 +21,26 @@ Cost O(N C m + N m d). Decoding is the same computation on the new tokens with t
 (`KernelState`): constant time and memory per token, independent of the prefix length.
 
 **Stabilisers for exponential feature maps (FAVOR+).** phi = exp(L) can overflow or underflow as a
-whole in float32. Any factor that is common to a query's numerator and normaliser cancels, so:
+whole in float32, L = P + n with P the projection (one value per feature) and n the log-norm (one
+per row). Any factor common to a query's numerator and normaliser cancels, so:
 
-- queries: phi(q_i) is computed as exp(L_i - max_f L_if) (a per-row constant);
-- keys: key j is split as exp(L_j - g_j) * exp(g_j), g_j = max_f L_jf its own log-scale. A query
-  i needs the keys scaled by one common constant, and only keys it may see may choose that
-  constant: we use M_i = max_{j in keys(i)} g_j (the max over all real keys when bidirectional, the
-  running max up to i when causal) and weight key j by exp(g_j - M_i) <= 1. Between chunks the
+- queries: phi(q_i) is computed as exp(P_i - max_f P_if) (+ the map's epsilon): a per-row
+  constant, so a query's log-norm is never computed;
+- keys: key j is split as [exp(P_j - max_f P_jf) + eps] * exp(g_j), g_j = max_f P_jf + n_j its own
+  log-scale. A query i needs the keys scaled by one common constant, and only keys it may see may
+  choose that constant: we use M_i = max_{j in keys(i)} g_j (the max over all real keys when
+  bidirectional, the running max up to i when causal) and weight key j by exp(g_j - M_i) <= 1,
+  applied to its row of V1 (d + 1 numbers) rather than to its m features. Between chunks the
   carried state is stored relative to the running max at the chunk boundary and rescaled by
   exp(R_old - R_new) <= 1, as in an online softmax. A max over all keys would leak the future into
   the past numerically; this one is exactly causal, and every exponent is <= 0.
 
-All stabilisers are detached: the output is exactly invariant to them, so the gradient is exact.
+With the maps' epsilon, each normaliser is at least epsilon times the query's largest feature (the
+heaviest visible key has weight 1 and every feature >= epsilon), so 1 / normaliser stays bounded
+and the backward pass cannot overflow even when the estimate itself underflows.
+
+All stabilisers are detached: the output is exactly invariant to them, so the gradient is exact
+(the epsilon term, which follows each row's largest projection, is differentiated as such).
 Feature maps, products and normalisers run in float32 (float64 for float64 inputs); outputs are
 returned in the input dtype.
 
@@ -44,6 +52,7 @@ autograd on that segment) and applies the hand-derived gradient of the products 
 is O(N d + segment_size m) whatever the number of features, every large buffer is allocated once
 per call, and no autograd graph is built over the N x m features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
