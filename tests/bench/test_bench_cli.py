@@ -86,11 +86,20 @@ def test_bad_arguments_name_the_bad_value(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--mode", "forward,backward"])
     assert "backward" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert "'0'" in err and "'auto'" in err
     for kwargs, words in [({"modes": ()}, "mode"), ({"dim": 30, "heads": 4}, "heads=4 does not divide dim=30"),
                           ({"dtype": "int8"}, "int8"), ({"device": "tpu"}, "tpu"), ({"lengths": (0, 64)}, "lengths"),
                           ({"timeout_s": -1}, "timeout_s")]:
         with pytest.raises(ValueError, match=words):
             runner.run_benchmark(out_dir=tmp_path, **kwargs)
+
+
+def test_busy_machine_means_more_load_than_half_the_cpus(monkeypatch):
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    assert runner.machine_is_busy(2.5) and not runner.machine_is_busy(1.5) and not runner.machine_is_busy(None)
 
 
 def _encoder_only_registry(monkeypatch):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
 from . import harness
-from .runner import DEFAULT_LENGTHS, FULL_EFFORT, QUICK_EFFORT, QUICK_LENGTHS, run_benchmark
+from .runner import (DEFAULT_LENGTHS, FULL_EFFORT, QUICK_EFFORT, QUICK_LENGTHS, load_average, machine_is_busy,
+                     run_benchmark)
 
 
 def _name_list(text: str) -> list[str]:
@@ -40,6 +42,18 @@ def _length_list(text: str) -> list[int]:
                 f"bad length {token!r} in {text!r}: expected positive integers like '1024,4096' (or '1k,4k')")
         values.append(value)
     return values
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"bad thread count {text!r}: expected a positive int or 'auto'")
+    return value
 
 
 def _mode_list(text: str) -> list[str]:
@@ -66,9 +80,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(harness.DTYPES), default="float32", help="default float32")
     parser.add_argument("--causal", action="store_true", help="build causal (decoder) layers")
     parser.add_argument("--device", choices=list(harness.DEVICES), default="cpu", help="default cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for the timed and probed steps (default: torch's, one per core); "
-                             "1 is steadier on a machine shared with other jobs")
+    parser.add_argument("--threads", type=_threads, default="auto",
+                        help="torch CPU threads for the timed and probed steps, or 'auto' (default): torch's "
+                             "default (one per core), but 1 when other processes already load the machine, "
+                             "where multi-threaded steps are slowed and distorted by waiting for descheduled threads")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timing rounds per configuration (default {FULL_EFFORT.repeats}, quick {QUICK_EFFORT.repeats})")
     parser.add_argument("--timeout", type=float, default=None, dest="timeout_s",
@@ -78,10 +93,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"eft bench: error: --threads must be a positive int, got {args.threads}", file=sys.stderr)
-            return 2
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)  # called in-process (tests, other commands): leave no trace
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.threads == "auto":
+        load = load_average()
+        if args.device == "cpu" and torch.get_num_threads() > 1 and machine_is_busy(load):
+            print(f"eft bench: the machine is busy (load average {load:.1f} on {os.cpu_count()} CPUs): measuring with "
+                  "1 thread (pass --threads to choose)", file=sys.stderr)
+            torch.set_num_threads(1)
+    else:
         torch.set_num_threads(args.threads)
     try:
         result = run_benchmark(

@@ -208,6 +208,16 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
     }
 
 
+def load_average() -> float | None:
+    """The 1-minute load average, where the platform has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_is_busy(load: float | None) -> bool:
+    """Other processes occupy more than `BUSY_LOAD_FRACTION` of the CPUs."""
+    return load is not None and load > BUSY_LOAD_FRACTION * (os.cpu_count() or 1)
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -269,16 +279,14 @@ class _Benchmark:
         self.config["matmul_gflops"], self.config["matmul_probe"] = probe["gflops"], probe
 
     def _note_machine_load(self, when: str) -> None:
-        if not hasattr(os, "getloadavg"):
-            return
-        load = os.getloadavg()[0]
+        load = load_average()
         self.config[f"load_average_{when}"] = load
-        cpus = os.cpu_count() or 1
-        if when == "start" and self.config["device"] == "cpu" and load > BUSY_LOAD_FRACTION * cpus:
+        if when == "start" and self.config["device"] == "cpu" and machine_is_busy(load):
             self.config["notes"].append(
-                f"the machine was busy at the start (1-minute load average {load:.1f} on {cpus} CPUs): other processes "
-                "compete for the cores, so times are inflated and noisy, multi-threaded small steps the most; "
-                f"`--threads 1` is steadier on a shared machine (this run: {self.config['threads']} thread(s))")
+                f"the machine was busy at the start (1-minute load average {load:.1f} on {os.cpu_count()} CPUs): other "
+                "processes compete for the cores, so times are inflated and noisy, multi-threaded small steps the most "
+                "(a parallel region waits for its slowest thread); `eft bench` then uses 1 thread unless --threads is "
+                f"given. This run: {self.config['threads']} thread(s)")
 
     def _result(self) -> dict[str, Any]:
         for row in self.rows:
