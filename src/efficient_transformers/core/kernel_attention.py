@@ -234,9 +234,10 @@ def _features_backward(feature_map: FeatureMap, features: _Features, grad_phi: T
     if not feature_map.exponential:
         return torch.autograd.grad(features.raw, features.leaf, grad_phi)[0]
     eps = feature_map.epsilon
-    grad_norm = None if features.norm is None else (grad_phi * features.phi).sum(-1)  # (B, H, n)
-    grad_raw = grad_phi * (features.phi - eps)  # (B, H, n, m)
-    grad_raw.scatter_add_(-1, features.peak[..., None], eps * grad_phi.sum(-1, keepdim=True))
+    grad_eps = grad_phi.sum(-1, keepdim=True) * eps  # (B, H, n, 1): through each row's eps term
+    grad_raw = grad_phi.mul_(features.phi.sub_(eps))  # (B, H, n, m), in place: phi is not needed after this
+    grad_norm = None if features.norm is None else grad_raw.sum(-1) + grad_eps[..., 0]  # sum_f grad_phi phi
+    grad_raw.scatter_add_(-1, features.peak[..., None], grad_eps)
     if grad_norm is None:
         return torch.autograd.grad(features.raw, features.leaf, grad_raw)[0]
     return torch.autograd.grad((features.raw, features.norm), features.leaf, (grad_raw, grad_norm))[0]
