@@ -76,7 +76,8 @@ def markdown(result: dict[str, Any]) -> str:
     out += [f"Run started {config['started_at']}, wall time {_num(wall)} s ({state}). One attention layer as "
             f"`et.build_attention(name, dim={config['dim']}, heads={config['heads']}, causal={config['causal']})` "
             f"builds it (projections included), input x of shape (B={config['batch']}, N, {config['dim']}), "
-            f"{config['dtype']}, on {config['device']} ({config['device_name']}, {config['threads']} torch threads).", ""]
+            f"{config['dtype']}, on {config['device']} ({config['device_name']}, "
+            f"{config['threads']} torch thread{'' if config['threads'] == 1 else 's'}).", ""]
 
     out += ["## Configuration", ""]
     settings = [
@@ -114,7 +115,7 @@ def markdown(result: dict[str, Any]) -> str:
             "only matrix products; memory counts everything.",
             "- **Crossover length**: the smallest measured N from which the mechanism is faster than vanilla at that "
             "N and at every larger measured N (faster: its paired time ratio is below 1, or vanilla did not run "
-            "there); '—' when it is not faster at the largest length.",
+            "there); 'none up to N=...' when it is not faster at the largest length.",
             f"- A time marked * is noisy: its samples spread by more than {config['noisy_spread']:.0%} of the median "
             "(max - min); the machine was busy during those rounds.",
             "- Cells: OOM = out of memory, timeout = over the limit per configuration, error = raised an exception, "

@@ -286,7 +286,7 @@ class _Benchmark:
                 f"the machine was busy at the start (1-minute load average {load:.1f} on {os.cpu_count()} CPUs): other "
                 "processes compete for the cores, so times are inflated and noisy, multi-threaded small steps the most "
                 "(a parallel region waits for its slowest thread); `eft bench` then uses 1 thread unless --threads is "
-                f"given. This run: {self.config['threads']} thread(s)")
+                f"given. This run: {self.config['threads']} thread{'' if self.config['threads'] == 1 else 's'}.")
 
     def _result(self) -> dict[str, Any]:
         for row in self.rows:
