@@ -48,6 +48,7 @@ def test_markdown_cells_flags_and_crossover():
     assert "| Performer (`performer`) | KR | O(N) | 1 | 1.00 | 2.00 | 1.00 | memory above stated (train) |" in text
     assert "| Performer (`performer`) | none up to N=4096 |" in text
     assert "| Linformer (`linformer`) | 4096 | train | oom | synthetic |" in text
+    assert "| Linformer (`linformer`) | not measured: timeout, oom |" in text
     assert "| Transformer (`vanilla`) | 1.00 (100%); 0.0105 | 1.00 (100%); 0.0419 | 1.00 (100%); 0.17 |" in text
 
 

@@ -183,6 +183,8 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append("baseline")
             elif not s:
                 cells.append("not run")
+            elif not s["statuses"].get("ok"):
+                cells.append("not measured: " + ", ".join(s["statuses"]))
             else:
                 cells.append(str(s["crossover_len"]) if s["crossover_len"] is not None
                              else f"none up to N={max(lengths)}")
