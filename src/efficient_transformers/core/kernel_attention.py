@@ -168,7 +168,7 @@ class _Features:
 
     phi:       (B, H, n, m) stabilised features: phi(x) up to a per-row factor (exp(log_scale) for keys)
     log_scale: (B, H, n) keys only: the log of that factor (-inf for padded keys); None for queries
-    peak:      (B, H, n) exponential maps: the index of each row's largest projection
+    peak:      (B, H, n, m) bool, exponential maps in the backward pass: where each row's largest projection is
     raw, norm, leaf: the map's outputs with their graph back to `leaf` (backward pass only)
     """
 
@@ -191,10 +191,12 @@ def _evaluate(feature_map: FeatureMap, x: Tensor, graph: bool, *, with_norm: boo
         return feature_map.projection(leaf), norm, leaf  # (B, H, n, m)
 
 
-def _stabilised(feature_map: FeatureMap, projection: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """exp(P - max_f P) + eps (B, H, n, m), each row's max and its index: phi(x) / exp(max + log_norm)."""
-    row_max, peak = projection.max(dim=-1)  # (B, H, n)
-    phi = (projection - row_max[..., None]).exp_().add_(feature_map.epsilon)  # (B, H, n, m), in (0, 1 + eps]
+def _stabilised(feature_map: FeatureMap, projection: Tensor, graph: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """exp(P - max_f P) + eps (B, H, n, m), each row's max and (for the backward pass) where it is:
+    phi(x) / exp(max + log_norm). Overwrites `projection` (a detached buffer nobody reads again)."""
+    row_max = projection.amax(dim=-1)  # (B, H, n)
+    peak = projection == row_max[..., None] if graph else None  # (B, H, n, m)
+    phi = projection.sub_(row_max[..., None]).exp_().add_(feature_map.epsilon)  # (B, H, n, m), in (0, 1 + eps]
     return phi, row_max, peak
 
 
@@ -204,7 +206,7 @@ def _query_features(feature_map: FeatureMap, x: Tensor, graph: bool) -> _Feature
     raw, _, leaf = _evaluate(feature_map, x, graph, with_norm=False)
     if not feature_map.exponential:
         return _Features(raw.detach(), None, None, raw, None, leaf)
-    phi, _, peak = _stabilised(feature_map, raw.detach())
+    phi, _, peak = _stabilised(feature_map, raw.detach(), graph)
     return _Features(phi, None, peak, raw, None, leaf)
 
 
@@ -214,7 +216,7 @@ def _key_features(feature_map: FeatureMap, x: Tensor, mask: Tensor | None, graph
     g = -inf (weight 0)."""
     raw, norm, leaf = _evaluate(feature_map, x, graph, with_norm=True)
     if feature_map.exponential:
-        phi, row_max, peak = _stabilised(feature_map, raw.detach())
+        phi, row_max, peak = _stabilised(feature_map, raw.detach(), graph)
         log_scale = row_max + norm.detach()  # (B, H, n)
     else:
         phi, peak = raw.detach(), None
@@ -237,7 +239,7 @@ def _features_backward(feature_map: FeatureMap, features: _Features, grad_phi: T
     grad_eps = grad_phi.sum(-1, keepdim=True) * eps  # (B, H, n, 1): through each row's eps term
     grad_raw = grad_phi.mul_(features.phi.sub_(eps))  # (B, H, n, m), in place: phi is not needed after this
     grad_norm = None if features.norm is None else grad_raw.sum(-1) + grad_eps[..., 0]  # sum_f grad_phi phi
-    grad_raw.scatter_add_(-1, features.peak[..., None], grad_eps)
+    grad_raw += features.peak * grad_eps
     if grad_norm is None:
         return torch.autograd.grad(features.raw, features.leaf, grad_raw)[0]
     return torch.autograd.grad((features.raw, features.norm), features.leaf, (grad_raw, grad_norm))[0]
