@@ -145,20 +145,21 @@ def _values_with_ones(v: Tensor, weights: Tensor | None = None, mask: Tensor | N
     return v1 if mask is None else v1.masked_fill_(~mask[:, None, :, None], 0.0)
 
 
-def _normalise(out1: Tensor) -> Tensor:
-    """(..., d + 1) numerator and normaliser -> (..., d); a zero normaliser (no key) gives zeros."""
-    numerator, normaliser = out1[..., :-1], out1[..., -1:]
-    return numerator / torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
+def _normalise(out1: Tensor, out: Tensor, normaliser: Tensor) -> None:
+    """(..., d + 1) numerator and normaliser -> `out` (..., d) and `normaliser` (...), written in place;
+    a zero normaliser (no key) gives zeros."""
+    normaliser.copy_(out1[..., -1])
+    safe = torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
+    torch.div(out1[..., :-1], safe[..., None], out=out)
 
 
-def _normalise_backward(out1: Tensor, grad_out: Tensor) -> Tensor:
-    """The gradient of `_normalise` with respect to its input (..., d + 1)."""
-    numerator, normaliser = out1[..., :-1], out1[..., -1:]
-    has_keys = normaliser > 0
-    safe = torch.where(has_keys, normaliser, torch.ones_like(normaliser))
-    grad_out1 = torch.empty_like(out1)
+def _normalise_backward(out: Tensor, normaliser: Tensor, grad_out: Tensor) -> Tensor:
+    """The gradient of `_normalise` with respect to its input (..., d + 1), from its outputs."""
+    has_keys = normaliser > 0  # (...)
+    safe = torch.where(has_keys, normaliser, torch.ones_like(normaliser))[..., None]
+    grad_out1 = out.new_empty(out.shape[:-1] + (out.shape[-1] + 1,))
     torch.div(grad_out, safe, out=grad_out1[..., :-1])
-    grad_out1[..., -1:] = (-(grad_out1[..., :-1] * numerator).sum(-1, keepdim=True) / safe).masked_fill_(~has_keys, 0.0)
+    grad_out1[..., -1] = (-(grad_out1[..., :-1] * out).sum(-1)).masked_fill_(~has_keys, 0.0)
     return grad_out1
 
 
@@ -264,24 +265,25 @@ class _BidirectionalKernelAttention(torch.autograd.Function):
             new_ref = torch.maximum(log_ref, segment_ref)  # (B, H)
             kv = kv * _decay(log_ref, new_ref)[..., None, None] + summary * _decay(segment_ref, new_ref)[..., None, None]
             log_ref = new_ref
-        out = v.new_empty(B, H, n, d)
+        out, normaliser = v.new_empty(B, H, n, d), v.new_empty(B, H, n)
         for s, e in spans:
-            out[..., s:e, :] = _normalise(_query_features(feature_map, q[..., s:e, :], graph=False).phi @ kv)
-        ctx.save_for_backward(q, k, v, key_mask, kv, log_ref)
+            out1 = _query_features(feature_map, q[..., s:e, :], graph=False).phi @ kv  # (B, H, n_s, d + 1)
+            _normalise(out1, out[..., s:e, :], normaliser[..., s:e])
+        ctx.save_for_backward(q, k, v, key_mask, kv, log_ref, out, normaliser)
         ctx.feature_map, ctx.segment_size = feature_map, segment_size
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, key_mask, kv, log_ref = ctx.saved_tensors
+        q, k, v, key_mask, kv, log_ref, out, normaliser = ctx.saved_tensors
         feature_map = ctx.feature_map
         spans = _spans(q.shape[-2], ctx.segment_size)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_kv = torch.zeros_like(kv)  # (B, H, m, d + 1)
         for s, e in spans:
             queries = _query_features(feature_map, q[..., s:e, :], graph=True)
-            grad_out1 = _normalise_backward(queries.phi @ kv, grad_out[..., s:e, :])  # (B, H, n_s, d + 1)
+            grad_out1 = _normalise_backward(out[..., s:e, :], normaliser[..., s:e], grad_out[..., s:e, :])  # (B,H,n_s,d+1)
             grad_kv += queries.phi.transpose(-1, -2) @ grad_out1
             grad_q[..., s:e, :] = _features_backward(feature_map, queries, grad_out1 @ kv.transpose(-1, -2))
         for s, e in spans:
@@ -302,18 +304,17 @@ class _CausalKernelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size):
         B, H, n, d = v.shape
         spans = _spans(n, segment_size)
-        out = v.new_empty(B, H, n, d)
+        out, normaliser = v.new_empty(B, H, n, d), v.new_empty(B, H, n)
         entry_kv = kv_in.new_empty((len(spans),) + kv_in.shape)  # the state entering each segment
         entry_ref = ref_in.new_empty((len(spans),) + ref_in.shape)
         kv, ref = kv_in, ref_in
         for i, (s, e) in enumerate(spans):
             entry_kv[i], entry_ref[i] = kv, ref
-            segment_out, kv, ref = _causal_segment(
+            kv, ref = _causal_segment(
                 q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], _segment_mask(key_mask, s, e), kv, ref,
-                feature_map, chunk_size,
+                feature_map, chunk_size, out=out[..., s:e, :], normaliser=normaliser[..., s:e],
             )
-            out[..., s:e, :] = segment_out
-        ctx.save_for_backward(q, k, v, key_mask, entry_kv, entry_ref)
+        ctx.save_for_backward(q, k, v, key_mask, entry_kv, entry_ref, out, normaliser)
         ctx.feature_map, ctx.chunk_size, ctx.segment_size = feature_map, chunk_size, segment_size
         ctx.mark_non_differentiable(ref)
         return out, kv, ref
@@ -321,22 +322,25 @@ class _CausalKernelAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_kv_out, _grad_ref):
-        q, k, v, key_mask, entry_kv, entry_ref = ctx.saved_tensors
+        q, k, v, key_mask, entry_kv, entry_ref, out, normaliser = ctx.saved_tensors
         spans = _spans(q.shape[-2], ctx.segment_size)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_kv = torch.zeros_like(entry_kv[0]) if grad_kv_out is None else grad_kv_out
         for i, (s, e) in reversed(list(enumerate(spans))):
             grad_q[..., s:e, :], grad_k[..., s:e, :], grad_v[..., s:e, :], grad_kv = _causal_segment(
                 q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], _segment_mask(key_mask, s, e), entry_kv[i],
-                entry_ref[i], ctx.feature_map, ctx.chunk_size, grad_out=grad_out[..., s:e, :], grad_kv_out=grad_kv,
+                entry_ref[i], ctx.feature_map, ctx.chunk_size, out=out[..., s:e, :], normaliser=normaliser[..., s:e],
+                grad_out=grad_out[..., s:e, :], grad_kv_out=grad_kv,
             )
         grad_kv_in = grad_kv if ctx.needs_input_grad[4] else None
         return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
 
 
-def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, grad_out=None, grad_kv_out=None):
-    """One segment of the chunked causal scan. Forward: -> (out, kv_out, ref_out). Given the gradients
-    of its outputs: -> (grad_q, grad_k, grad_v, grad_kv_in), recomputing the forward pieces."""
+def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, out, normaliser, grad_out=None,
+                    grad_kv_out=None):
+    """One segment of the chunked causal scan. Forward: writes `out` (B, H, n, d) and `normaliser`
+    (B, H, n), returns (kv_out, ref_out). Given the gradients of its outputs (and the outputs):
+    -> (grad_q, grad_k, grad_v, grad_kv_in), recomputing the forward pieces it needs."""
     B, H, n, d = v.shape
     size = min(chunk_size, n)
     (q, _), (k, _), (v, pad) = (pad_to_multiple(t, size) for t in (q, k, v))  # (B, H, L = nc * C, .)
@@ -371,13 +375,14 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, grad_
     exponent = log_scale[..., None, :] - running.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
     within = torch.exp(exponent.masked_fill_(future, NEG_INF))  # (B, H, nc, C, C)
     scores = (phi_q @ phi_k.transpose(-1, -2)) * within  # (B, H, nc, C, C)
-    out1 = (phi_q @ states[:, :, :nc]) * row_scale[..., None] + scores @ v1  # (B, H, nc, C, d + 1)
     if not backward:
-        out = _normalise(out1).flatten(2, 3)[..., :n, :]  # (B, H, n, d)
-        return out, states[:, :, nc].clone(), chunk_end[..., -1]
+        out1 = (phi_q @ states[:, :, :nc]) * row_scale[..., None] + scores @ v1  # (B, H, nc, C, d + 1)
+        out1 = out1.flatten(2, 3)[..., :n, :]  # (B, H, n, d + 1)
+        _normalise(out1, out, normaliser)
+        return states[:, :, nc].clone(), chunk_end[..., -1]
 
-    grad_out, _ = pad_to_multiple(grad_out, size)
-    grad_out1 = _normalise_backward(out1, split_blocks(grad_out, size))  # (B, H, nc, C, d + 1)
+    out, grad_out, normaliser = (split_blocks(pad_to_multiple(t, size)[0], size) for t in (out, grad_out, normaliser[..., None]))
+    grad_out1 = _normalise_backward(out, normaliser[..., 0], grad_out)  # (B, H, nc, C, d + 1); padding: 0
     # inter-chunk
     scaled = grad_out1 * row_scale[..., None]  # (B, H, nc, C, d + 1)
     grad_phi_q = scaled @ states[:, :, :nc].transpose(-1, -2)  # (B, H, nc, C, m)
