@@ -102,7 +102,7 @@ def kernel_attention(
         raise ValueError("kernel attention: a decoding state was given to a bidirectional call")
     out_dtype = v.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    q, k, v = (t.to(compute).contiguous() for t in (q, k, v))  # segments and chunks are then plain views
     if not causal:
         out = _BidirectionalKernelAttention.apply(q, k, v, key_mask, feature_map, segment_size)
         return out.to(out_dtype), None
@@ -356,18 +356,21 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     nc, m = phi_q.shape[2], phi_q.shape[-1]
     chunk_end = running[..., -1]  # (B, H, nc): running max after each chunk
     chunk_start = torch.cat([ref_in[..., None], chunk_end[..., :-1]], dim=-1)  # (B, H, nc): before each chunk
-    starts = torch.cat([chunk_start, chunk_end[..., -1:]], dim=-1)  # (B, H, nc + 1)
 
     # each chunk's summary relative to its end: T_c = phi(K_c)^T diag(exp(g - R_end,c)) V1_c
     key_weights = _decay(log_scale, chunk_end[..., None])  # (B, H, nc, C), <= 1
     weighted_v1 = v1 * key_weights[..., None]  # (B, H, nc, C, d + 1)
     summaries = phi_k.transpose(-1, -2) @ weighted_v1  # (B, H, nc, m, d + 1)
-    # the state entering each chunk (and leaving the last): S_c = sum_{c'<c} exp(R_end,c' - R_start,c) T_c'
-    earlier = torch.ones(nc + 1, nc, dtype=torch.bool, device=q.device).tril(-1)  # (nc + 1, nc): c' < c
-    carry = _decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), starts[..., :, None])  # (B,H,nc+1,nc)
-    entry = _decay(ref_in[..., None], starts)  # (B, H, nc + 1): the incoming state, rescaled
-    states = (carry @ summaries.flatten(-2)).unflatten(-1, (m, d + 1))  # (B, H, nc + 1, m, d + 1)
+    # the state entering each chunk: S_c = exp(R_in - R_start,c) S_in + sum_{c'<c} exp(R_end,c' - R_start,c) T_c'
+    earlier = torch.ones(nc, nc, dtype=torch.bool, device=q.device).tril(-1)  # (nc, nc): c' < c
+    carry = _decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), chunk_start[..., :, None])  # (B,H,nc,nc)
+    entry = _decay(ref_in[..., None], chunk_start)  # (B, H, nc): the incoming state, rescaled
+    states = (carry @ summaries.flatten(-2)).unflatten(-1, (m, d + 1))  # (B, H, nc, m, d + 1)
     states = states + entry[..., None, None] * kv_in[:, :, None]
+    # and the state leaving the segment, relative to R_out = R_end of the last chunk
+    ref_out = chunk_end[..., -1]  # (B, H)
+    final_carry = _decay(chunk_end, ref_out[..., None])  # (B, H, nc)
+    final_entry = _decay(ref_in, ref_out)  # (B, H)
     # inter-chunk: phi(q_i)^T S_c, rescaled from R_start,c to M_i
     row_scale = _decay(chunk_start[..., None], running)  # (B, H, nc, C), <= 1
     # intra-chunk: phi(q_i) . phi(k_j) exp(g_j - M_i) for j <= i (exponent <= 0)
@@ -376,17 +379,17 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     within = torch.exp(exponent.masked_fill_(future, NEG_INF))  # (B, H, nc, C, C)
     scores = (phi_q @ phi_k.transpose(-1, -2)) * within  # (B, H, nc, C, C)
     if not backward:
-        out1 = (phi_q @ states[:, :, :nc]) * row_scale[..., None] + scores @ v1  # (B, H, nc, C, d + 1)
-        out1 = out1.flatten(2, 3)[..., :n, :]  # (B, H, n, d + 1)
-        _normalise(out1, out, normaliser)
-        return states[:, :, nc].clone(), chunk_end[..., -1]
+        out1 = (phi_q @ states) * row_scale[..., None] + scores @ v1  # (B, H, nc, C, d + 1)
+        _normalise(out1.flatten(2, 3)[..., :n, :], out, normaliser)
+        kv_out = (final_carry[..., None, :] @ summaries.flatten(-2)).view(B, H, m, d + 1)
+        return kv_out + final_entry[..., None, None] * kv_in, ref_out
 
     out, grad_out, normaliser = (split_blocks(pad_to_multiple(t, size)[0], size) for t in (out, grad_out, normaliser[..., None]))
     grad_out1 = _normalise_backward(out, normaliser[..., 0], grad_out)  # (B, H, nc, C, d + 1); padding: 0
     # inter-chunk
     scaled = grad_out1 * row_scale[..., None]  # (B, H, nc, C, d + 1)
-    grad_phi_q = scaled @ states[:, :, :nc].transpose(-1, -2)  # (B, H, nc, C, m)
-    grad_states = torch.cat([phi_q.transpose(-1, -2) @ scaled, grad_kv_out[:, :, None]], dim=2)  # (B,H,nc+1,m,d+1)
+    grad_phi_q = scaled @ states.transpose(-1, -2)  # (B, H, nc, C, m)
+    grad_states = phi_q.transpose(-1, -2) @ scaled  # (B, H, nc, m, d + 1)
     # intra-chunk
     grad_scores = (grad_out1 @ v1.transpose(-1, -2)) * within  # (B, H, nc, C, C)
     grad_phi_q += grad_scores @ phi_k
@@ -394,7 +397,8 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     grad_v1 = scores.transpose(-1, -2) @ grad_out1  # (B, H, nc, C, d + 1)
     # through the carried states to the chunk summaries and the incoming state
     grad_summaries = (carry.transpose(-1, -2) @ grad_states.flatten(-2)).unflatten(-1, (m, d + 1))  # (B,H,nc,m,d+1)
-    grad_kv_in = (entry[..., None, None] * grad_states).sum(dim=2)  # (B, H, m, d + 1)
+    grad_summaries += final_carry[..., None, None] * grad_kv_out[:, :, None]
+    grad_kv_in = (entry[..., None, None] * grad_states).sum(dim=2) + final_entry[..., None, None] * grad_kv_out
     grad_phi_k += weighted_v1 @ grad_summaries.transpose(-1, -2)
     grad_v1 += (phi_k @ grad_summaries) * key_weights[..., None]
     # through the feature maps
