@@ -72,7 +72,8 @@ class KernelState:
     """What a causal kernel layer carries between decoding steps: constant size, whatever the length.
 
     kv:     (B, H, m, d + 1)  sum over the consumed real keys of phi(k_j) exp(-ref) [v_j, 1]^T
-    ref:    (B, H)            the running max of the key log-scales g_j; -inf before the first real key
+    ref:    (B, H)            the running max of the key log-scales g_j (exponential maps; -inf before
+                              the first real key; direct maps need no stabiliser and leave it as given)
     length: int               tokens consumed so far
     """
 
@@ -336,11 +337,89 @@ class _CausalKernelAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
 
 
+@dataclass
+class _ScanWeights:
+    """The stabiliser factors of one segment's causal scan (exponential maps; see the module doc).
+
+    All are <= 1 and causal: key_weights exp(g_j - R_end,c) (B, H, nc, C); carry exp(R_end,c' -
+    R_start,c) for c' < c (B, H, nc, nc); entry exp(R_in - R_start,c) (B, H, nc); row_scale
+    exp(R_start,c - M_i) (B, H, nc, C); within exp(g_j - M_i) for j <= i in a chunk (B, H, nc, C, C);
+    final_carry exp(R_end,c - R_out) (B, H, nc); final_entry exp(R_in - R_out) (B, H); ref_out (B, H).
+    """
+
+    key_weights: Tensor
+    carry: Tensor
+    entry: Tensor
+    row_scale: Tensor
+    within: Tensor
+    final_carry: Tensor
+    final_entry: Tensor
+    ref_out: Tensor
+
+
+def _scan_weights(log_scale: Tensor, ref_in: Tensor, size: int) -> _ScanWeights:
+    """From the key log-scales g (B, H, L) of one segment and the incoming reference R_in (B, H)."""
+    running = torch.maximum(log_scale.cummax(dim=-1).values, ref_in[..., None])  # (B, H, L): M_i
+    log_scale, running = log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
+    nc = log_scale.shape[2]
+    chunk_end = running[..., -1]  # (B, H, nc): running max after each chunk
+    chunk_start = torch.cat([ref_in[..., None], chunk_end[..., :-1]], dim=-1)  # (B, H, nc): before each chunk
+    ref_out = chunk_end[..., -1]  # (B, H)
+    earlier = torch.ones(nc, nc, dtype=torch.bool, device=log_scale.device).tril(-1)  # (nc, nc): c' < c
+    future = torch.ones(size, size, dtype=torch.bool, device=log_scale.device).triu(1)  # (C, C): j > i
+    exponent = log_scale[..., None, :] - running.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
+    return _ScanWeights(
+        key_weights=_decay(log_scale, chunk_end[..., None]),
+        carry=_decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), chunk_start[..., :, None]),
+        entry=_decay(ref_in[..., None], chunk_start),
+        row_scale=_decay(chunk_start[..., None], running),
+        within=torch.exp(exponent.masked_fill_(future, NEG_INF)),
+        final_carry=_decay(chunk_end, ref_out[..., None]),
+        final_entry=_decay(ref_in, ref_out),
+        ref_out=ref_out,
+    )
+
+
+def _carry_states(summaries: Tensor, kv_in: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
+    """The state entering each chunk (B, H, nc, m, d + 1) and leaving the segment (B, H, m, d + 1).
+
+    Direct maps: exclusive prefix sums over the chunk axis. Exponential maps: the same sums with the
+    rescalings of `w`, as one (nc x nc) product (a rescaled prefix sum is not a cumsum)."""
+    if w is None:
+        prefix = summaries.cumsum(dim=2)  # (B, H, nc, m, d + 1), inclusive
+        states = torch.cat([torch.zeros_like(prefix[:, :, :1]), prefix[:, :, :-1]], dim=2) + kv_in[:, :, None]
+        return states, prefix[:, :, -1] + kv_in
+    flat = summaries.flatten(-2)  # (B, H, nc, m * (d + 1))
+    states = (w.carry @ flat).view_as(summaries) + w.entry[..., None, None] * kv_in[:, :, None]
+    kv_out = (w.final_carry[..., None, :] @ flat).view_as(kv_in) + w.final_entry[..., None, None] * kv_in
+    return states, kv_out
+
+
+def _carry_states_backward(grad_states: Tensor, grad_kv_out: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
+    """The gradients of `_carry_states` with respect to the chunk summaries and the incoming state."""
+    if w is None:
+        suffix = grad_states.flip(2).cumsum(dim=2).flip(2)  # (B, H, nc, m, d + 1): sum over c >= c'
+        grad_summaries = torch.cat([suffix[:, :, 1:], torch.zeros_like(suffix[:, :, :1])], dim=2)
+        return grad_summaries + grad_kv_out[:, :, None], grad_states.sum(dim=2) + grad_kv_out
+    flat = grad_states.flatten(-2)  # (B, H, nc, m * (d + 1))
+    grad_summaries = (w.carry.transpose(-1, -2) @ flat).view_as(grad_states)
+    grad_summaries += w.final_carry[..., None, None] * grad_kv_out[:, :, None]
+    grad_kv_in = (w.entry[..., None, None] * grad_states).sum(dim=2) + w.final_entry[..., None, None] * grad_kv_out
+    return grad_summaries, grad_kv_in
+
+
+def _scaled(x: Tensor, factor: Tensor | None) -> Tensor:
+    return x if factor is None else x * factor[..., None]
+
+
 def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, out, normaliser, grad_out=None,
                     grad_kv_out=None):
     """One segment of the chunked causal scan. Forward: writes `out` (B, H, n, d) and `normaliser`
     (B, H, n), returns (kv_out, ref_out). Given the gradients of its outputs (and the outputs):
-    -> (grad_q, grad_k, grad_v, grad_kv_in), recomputing the forward pieces it needs."""
+    -> (grad_q, grad_k, grad_v, grad_kv_in), recomputing the forward pieces it needs.
+
+    Direct maps need no stabiliser (padded keys are zero rows of V1), so their scan is plain:
+    unit weights, prefix sums between chunks, the causal triangle inside them."""
     B, H, n, d = v.shape
     size = min(chunk_size, n)
     (q, _), (k, _), (v, pad) = (pad_to_multiple(t, size) for t in (q, k, v))  # (B, H, L = nc * C, .)
@@ -349,45 +428,23 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     queries = _query_features(feature_map, q, backward)  # phi: (B, H, L, m)
     keys = _key_features(feature_map, k, mask, backward)  # phi: (B, H, L, m), log_scale g: (B, H, L)
     v1 = _values_with_ones(v, None, mask)  # (B, H, L, d + 1)
-    running = torch.maximum(keys.log_scale.cummax(dim=-1).values, ref_in[..., None])  # (B, H, L): M_i
-
+    w = _scan_weights(keys.log_scale, ref_in, size) if feature_map.exponential else None
     phi_q, phi_k, v1 = split_blocks(queries.phi, size), split_blocks(keys.phi, size), split_blocks(v1, size)  # (B,H,nc,C,.)
-    log_scale, running = keys.log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
-    nc, m = phi_q.shape[2], phi_q.shape[-1]
-    chunk_end = running[..., -1]  # (B, H, nc): running max after each chunk
-    chunk_start = torch.cat([ref_in[..., None], chunk_end[..., :-1]], dim=-1)  # (B, H, nc): before each chunk
+    within = torch.ones(size, size, dtype=q.dtype, device=q.device).tril() if w is None else w.within  # (.., C, C)
 
-    # each chunk's summary relative to its end: T_c = phi(K_c)^T diag(exp(g - R_end,c)) V1_c
-    key_weights = _decay(log_scale, chunk_end[..., None])  # (B, H, nc, C), <= 1
-    weighted_v1 = v1 * key_weights[..., None]  # (B, H, nc, C, d + 1)
-    summaries = phi_k.transpose(-1, -2) @ weighted_v1  # (B, H, nc, m, d + 1)
-    # the state entering each chunk: S_c = exp(R_in - R_start,c) S_in + sum_{c'<c} exp(R_end,c' - R_start,c) T_c'
-    earlier = torch.ones(nc, nc, dtype=torch.bool, device=q.device).tril(-1)  # (nc, nc): c' < c
-    carry = _decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), chunk_start[..., :, None])  # (B,H,nc,nc)
-    entry = _decay(ref_in[..., None], chunk_start)  # (B, H, nc): the incoming state, rescaled
-    states = (carry @ summaries.flatten(-2)).unflatten(-1, (m, d + 1))  # (B, H, nc, m, d + 1)
-    states = states + entry[..., None, None] * kv_in[:, :, None]
-    # and the state leaving the segment, relative to R_out = R_end of the last chunk
-    ref_out = chunk_end[..., -1]  # (B, H)
-    final_carry = _decay(chunk_end, ref_out[..., None])  # (B, H, nc)
-    final_entry = _decay(ref_in, ref_out)  # (B, H)
-    # inter-chunk: phi(q_i)^T S_c, rescaled from R_start,c to M_i
-    row_scale = _decay(chunk_start[..., None], running)  # (B, H, nc, C), <= 1
-    # intra-chunk: phi(q_i) . phi(k_j) exp(g_j - M_i) for j <= i (exponent <= 0)
-    future = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)  # (C, C): j > i
-    exponent = log_scale[..., None, :] - running.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
-    within = torch.exp(exponent.masked_fill_(future, NEG_INF))  # (B, H, nc, C, C)
+    weighted_v1 = _scaled(v1, None if w is None else w.key_weights)  # (B, H, nc, C, d + 1)
+    summaries = phi_k.transpose(-1, -2) @ weighted_v1  # (B, H, nc, m, d + 1): T_c
+    states, kv_out = _carry_states(summaries, kv_in, w)  # (B, H, nc, m, d + 1): S_c
     scores = (phi_q @ phi_k.transpose(-1, -2)) * within  # (B, H, nc, C, C)
     if not backward:
-        out1 = (phi_q @ states) * row_scale[..., None] + scores @ v1  # (B, H, nc, C, d + 1)
+        out1 = _scaled(phi_q @ states, None if w is None else w.row_scale) + scores @ v1  # (B, H, nc, C, d + 1)
         _normalise(out1.flatten(2, 3)[..., :n, :], out, normaliser)
-        kv_out = (final_carry[..., None, :] @ summaries.flatten(-2)).view(B, H, m, d + 1)
-        return kv_out + final_entry[..., None, None] * kv_in, ref_out
+        return kv_out, (ref_in if w is None else w.ref_out)
 
     out, grad_out, normaliser = (split_blocks(pad_to_multiple(t, size)[0], size) for t in (out, grad_out, normaliser[..., None]))
     grad_out1 = _normalise_backward(out, normaliser[..., 0], grad_out)  # (B, H, nc, C, d + 1); padding: 0
     # inter-chunk
-    scaled = grad_out1 * row_scale[..., None]  # (B, H, nc, C, d + 1)
+    scaled = _scaled(grad_out1, None if w is None else w.row_scale)  # (B, H, nc, C, d + 1)
     grad_phi_q = scaled @ states.transpose(-1, -2)  # (B, H, nc, C, m)
     grad_states = phi_q.transpose(-1, -2) @ scaled  # (B, H, nc, m, d + 1)
     # intra-chunk
@@ -396,11 +453,9 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     grad_phi_k = grad_scores.transpose(-1, -2) @ phi_q  # (B, H, nc, C, m)
     grad_v1 = scores.transpose(-1, -2) @ grad_out1  # (B, H, nc, C, d + 1)
     # through the carried states to the chunk summaries and the incoming state
-    grad_summaries = (carry.transpose(-1, -2) @ grad_states.flatten(-2)).unflatten(-1, (m, d + 1))  # (B,H,nc,m,d+1)
-    grad_summaries += final_carry[..., None, None] * grad_kv_out[:, :, None]
-    grad_kv_in = (entry[..., None, None] * grad_states).sum(dim=2) + final_entry[..., None, None] * grad_kv_out
+    grad_summaries, grad_kv_in = _carry_states_backward(grad_states, grad_kv_out, w)  # (B, H, nc, m, d + 1)
     grad_phi_k += weighted_v1 @ grad_summaries.transpose(-1, -2)
-    grad_v1 += (phi_k @ grad_summaries) * key_weights[..., None]
+    grad_v1 += _scaled(phi_k @ grad_summaries, None if w is None else w.key_weights)
     # through the feature maps
     grad_q = _features_backward(feature_map, queries, grad_phi_q.flatten(2, 3))[..., :n, :]
     grad_k = _features_backward(feature_map, keys, grad_phi_k.flatten(2, 3))[..., :n, :]
