@@ -82,7 +82,7 @@ class EluPlusOne(FeatureMap):
         return self.head_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.elu(x) + 1.0  # (..., N, d)
+        return F.elu(x).add_(1.0)  # (..., N, d); elu saves its input, so adding in place is safe
 
 
 class RandomFeatures(FeatureMap):
