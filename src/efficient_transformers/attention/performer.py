@@ -16,7 +16,9 @@ Options (the paper's):
   for m draws, lower variance), or "relu" (generalized attention with f = ReLU: phi = relu(omega x'),
   a different kernel, not an estimate of softmax);
 - `nb_features` m (random directions): default 256, the value of the paper's experiments and of the
-  LRA configuration, close to the theory's m = Theta(d log d) (= 266 for d = 64);
+  LRA configuration, close to the theory's m = Theta(d log d) (= 266 for d = 64). Time grows
+  linearly with m (every product is N x m x d); a smaller m, e.g. one orthogonal block m = d, is
+  several times cheaper at the price of a larger approximation error (~ 1 / sqrt(m));
 - `orthogonal`: orthogonal random features (default, lower variance) or i.i.d. Gaussian;
 - `redraw_interval`: None (default) keeps the features fixed; an int r redraws them every r forward
   calls in training mode (the paper found periodic redrawing necessary on long runs). The features,
