@@ -412,6 +412,11 @@ def _scaled(x: Tensor, factor: Tensor | None) -> Tensor:
     return x if factor is None else x * factor[..., None]
 
 
+def _within_chunks(scores: Tensor, w: _ScanWeights | None) -> Tensor:
+    """Restrict (B, H, nc, C, C) query-key products to j <= i, with the stabiliser weights if any."""
+    return scores.tril_() if w is None else scores.mul_(w.within)
+
+
 def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, out, normaliser, grad_out=None,
                     grad_kv_out=None):
     """One segment of the chunked causal scan. Forward: writes `out` (B, H, n, d) and `normaliser`
@@ -430,12 +435,11 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     v1 = _values_with_ones(v, None, mask)  # (B, H, L, d + 1)
     w = _scan_weights(keys.log_scale, ref_in, size) if feature_map.exponential else None
     phi_q, phi_k, v1 = split_blocks(queries.phi, size), split_blocks(keys.phi, size), split_blocks(v1, size)  # (B,H,nc,C,.)
-    within = torch.ones(size, size, dtype=q.dtype, device=q.device).tril() if w is None else w.within  # (.., C, C)
 
     weighted_v1 = _scaled(v1, None if w is None else w.key_weights)  # (B, H, nc, C, d + 1)
     summaries = phi_k.transpose(-1, -2) @ weighted_v1  # (B, H, nc, m, d + 1): T_c
     states, kv_out = _carry_states(summaries, kv_in, w)  # (B, H, nc, m, d + 1): S_c
-    scores = (phi_q @ phi_k.transpose(-1, -2)) * within  # (B, H, nc, C, C)
+    scores = _within_chunks(phi_q @ phi_k.transpose(-1, -2), w)  # (B, H, nc, C, C)
     if not backward:
         out1 = _scaled(phi_q @ states, None if w is None else w.row_scale) + scores @ v1  # (B, H, nc, C, d + 1)
         _normalise(out1.flatten(2, 3)[..., :n, :], out, normaliser)
@@ -448,7 +452,7 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     grad_phi_q = scaled @ states.transpose(-1, -2)  # (B, H, nc, C, m)
     grad_states = phi_q.transpose(-1, -2) @ scaled  # (B, H, nc, m, d + 1)
     # intra-chunk
-    grad_scores = (grad_out1 @ v1.transpose(-1, -2)) * within  # (B, H, nc, C, C)
+    grad_scores = _within_chunks(grad_out1 @ v1.transpose(-1, -2), w)  # (B, H, nc, C, C)
     grad_phi_q += grad_scores @ phi_k
     grad_phi_k = grad_scores.transpose(-1, -2) @ phi_q  # (B, H, nc, C, m)
     grad_v1 = scores.transpose(-1, -2) @ grad_out1  # (B, H, nc, C, d + 1)
