@@ -99,7 +99,10 @@ class Trainer:
         if self.metric not in METRIC_DIRECTION:
             raise ValueError(f"task {task.name!r}: unknown metric {self.metric!r}; allowed: {sorted(METRIC_DIRECTION)}")
         self._check_out_dir()
-        self.max_len = config.max_len or task.default_max_len
+        # None -> the task's natural length for these options (e.g. 128 x 128 = 16,384 for Path-X generated
+        # with size=128); official Path-X files need --max-len 16384, since their size is not an option
+        natural = getattr(task, "natural_max_len", None)
+        self.max_len = config.max_len or (natural(dict(config.task_options)) if natural else task.default_max_len)
         if splits is None:
             splits = task.datasets(config.data, seed=config.seed, max_len=self.max_len, num_train=config.num_train,
                                    num_val=config.num_val, num_test=config.num_test, **config.task_options)
