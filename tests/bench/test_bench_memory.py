@@ -47,8 +47,11 @@ def test_probe_is_isolated_from_previous_configurations(server):
     alone = probe(server, 512, toy="quadratic")["peak_mem_mb"]
     probe(server, 2048, toy="quadratic")  # frees 100+ MiB that a shared process would reuse
     after_big = probe(server, 512, toy="quadratic")["peak_mem_mb"]
-    assert after_big == pytest.approx(alone, rel=0.15)
-    assert alone >= HEADS * 512**2 * 4 / 2**20
+    # In a shared process the 512 step would reuse the pages freed by the 2048 one and report almost
+    # nothing; isolated, it reports its own scores again (RSS figures of a few MiB vary by +-30 %).
+    scores_mib = HEADS * 512**2 * 4 / 2**20
+    assert alone >= scores_mib and after_big >= scores_mib
+    assert after_big == pytest.approx(alone, rel=0.4)
 
 
 @pytest.mark.parametrize(
