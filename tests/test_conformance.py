@@ -170,16 +170,13 @@ def test_token_by_token_decoding_equals_the_parallel_form(name, causal):
 
 
 @pytest.mark.parametrize("name,causal", CAUSAL_CASES, ids=CAUSAL_IDS)
-def test_generate_greedy_equals_repeated_full_forwards(name, causal):
+def test_generate_greedy_equals_repeated_full_forwards(name, causal, greedy_by_full_forwards):
     torch.manual_seed(0)
     lm = et.TransformerLM(vocab_size=23, dim=DIM, depth=2, heads=HEADS, attention=name,
                           attention_options=small_options(name), max_seq_len=64).double()
     prompt = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(5))
     fast = lm.generate(prompt, max_new_tokens=9, top_k=1)
-    slow = prompt
-    with torch.no_grad():
-        for _ in range(9):
-            slow = torch.cat([slow, lm(slow)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    slow = greedy_by_full_forwards(lm, prompt, 9)
     assert torch.equal(fast, slow)
 
 

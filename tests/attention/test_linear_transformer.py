@@ -56,16 +56,13 @@ def test_recurrent_decoding_carries_a_constant_size_state_and_equals_the_paralle
     assert sizes == {(2, HEADS, DIM // HEADS, DIM // HEADS + 1)}, "the RNN state does not grow with N"
 
 
-def test_generate_greedy_equals_repeated_full_forwards():
+def test_generate_greedy_equals_repeated_full_forwards(greedy_by_full_forwards):
     torch.manual_seed(0)
     lm = et.TransformerLM(vocab_size=19, dim=DIM, depth=2, heads=HEADS, attention="linear_transformer",
                           max_seq_len=128).double()
     prompt = torch.randint(0, 19, (2, 70), generator=torch.Generator().manual_seed(2))  # prefill spans chunks
     fast = lm.generate(prompt, max_new_tokens=6, top_k=1)
-    slow = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            slow = torch.cat([slow, lm(slow)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    slow = greedy_by_full_forwards(lm, prompt, 6)
     assert torch.equal(fast, slow)
 
 

@@ -11,7 +11,8 @@ Causal: the sums run over j <= i. Training uses the chunked form of `core.kernel
 decoding is the paper's RNN: the state S = sum phi(k_j) [v_j, 1]^T is all that is carried, so each
 new token costs O(d^2) time and memory whatever the prefix length (card decoding="recurrent").
 
-Defaults: `chunk_size=64`, inside the 64-128 range where the intra-chunk products (N C d) stay
+Defaults: `chunk_size=64` (it shapes the causal scan only; a bidirectional layer has no chunks),
+inside the 64-128 range where the intra-chunk products (N C d) stay
 below the inter-chunk ones (N d^2) for d = 64 heads and the per-chunk states ((N / C) d^2 numbers)
 stay small. The backward pass recomputes the (cheap) features segment by segment, so training keeps
 O(N d) memory. phi is exactly the paper's: no epsilon in features or normaliser (a query with no
