@@ -14,8 +14,8 @@ new token costs O(d^2) time and memory whatever the prefix length (card decoding
 Defaults: `chunk_size=64` (it shapes the causal scan only; a bidirectional layer has no chunks),
 inside the 64-128 range where the intra-chunk products (N C d) stay
 below the inter-chunk ones (N d^2) for d = 64 heads and the per-chunk states ((N / C) d^2 numbers)
-stay small. The backward pass recomputes the (cheap) features segment by segment, so training keeps
-O(N d) memory. phi is exactly the paper's: no epsilon in features or normaliser (a query with no
+stay small. phi(Q) and phi(K) are as large as Q and K, so they are computed once and kept for the
+backward pass (which needs only them: d phi / dx = min(phi, 1)); training keeps O(N d) memory. phi is exactly the paper's: no epsilon in features or normaliser (a query with no
 key to attend gets zeros).
 """
 

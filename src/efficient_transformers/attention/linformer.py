@@ -90,8 +90,8 @@ class LinformerAttention(AttentionLayer):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: None):
         B, H, n, d = q.shape
         k, v = zero_padded(k, mask), zero_padded(v, mask)  # (B, H, N, d): padding adds nothing below
-        proj_k = self.proj_k[..., :n].to(k.dtype)  # (1 | H, k, N)
-        proj_v = proj_k if self.proj_v is None else self.proj_v[..., :n].to(v.dtype)
+        proj_k = _first_columns(self.proj_k, n).to(k.dtype)  # (1 | H, k, N)
+        proj_v = proj_k if self.proj_v is None else _first_columns(self.proj_v, n).to(v.dtype)
         k_short, v_short = _project(proj_k, k), _project(proj_v, v)  # (B, H, k, d)
         if mask is None:
             return dense_attention(q, k_short, v_short), None  # (B, H, N, d)
@@ -108,6 +108,12 @@ class LinformerAttention(AttentionLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, sharing={self.sharing}, max_seq_len={self.max_seq_len}"
+
+
+def _first_columns(projection: Tensor, n: int) -> Tensor:
+    """The projection's first n columns; the whole parameter when n is its width, so that the
+    backward pass does not zero-fill and copy a (k, max_seq_len) gradient for a no-op slice."""
+    return projection if n == projection.shape[-1] else projection[..., :n]
 
 
 def _project(projection: Tensor, x: Tensor) -> Tensor:

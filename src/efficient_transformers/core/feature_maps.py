@@ -61,6 +61,11 @@ class FeatureMap(nn.Module):
 
     exponential: bool = False
     epsilon: float = 0.0
+    #: evaluate phi once on the whole sequence (under autograd) instead of per segment with
+    #: recomputation: for maps whose features are no larger than their inputs
+    precompute: bool = False
+    #: phi(x) = x (features given): kernel attention passes gradients straight through
+    identity: bool = False
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
@@ -75,14 +80,48 @@ class FeatureMap(nn.Module):
 
 
 class EluPlusOne(FeatureMap):
-    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, m = d, no randomness."""
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, m = d, no randomness.
+
+    `precompute = True`: phi is no larger than its input, so kernel attention evaluates it once on the
+    whole sequence and keeps it for the backward pass instead of recomputing it per segment. Its
+    derivative is a function of phi alone, min(phi, 1) (1 where x > 0, exp(x) = phi elsewhere), so
+    the backward pass keeps phi and not x.
+    """
+
+    precompute = True
 
     @property
     def num_features(self) -> int:
         return self.head_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.elu(x).add_(1.0)  # (..., N, d); elu saves its input, so adding in place is safe
+        return _EluPlusOneFunction.apply(x)  # (..., N, d)
+
+
+class _EluPlusOneFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        phi = F.elu(x).add_(1.0)
+        ctx.save_for_backward(phi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad_phi):
+        (phi,) = ctx.saved_tensors
+        return grad_phi * phi.clamp(max=1.0)
+
+
+class Identity(FeatureMap):
+    """phi(x) = x, for features computed beforehand (see `FeatureMap.precompute`)."""
+
+    identity = True
+
+    @property
+    def num_features(self) -> int:
+        return self.head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
 class RandomFeatures(FeatureMap):

@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .blocking import pad_mask_to_multiple, pad_to_multiple, split_blocks
-from .feature_maps import FeatureMap
+from .feature_maps import FeatureMap, Identity
 
 NEG_INF = float("-inf")
 
@@ -103,6 +103,9 @@ def kernel_attention(
         raise ValueError("kernel attention: a decoding state was given to a bidirectional call")
     out_dtype = v.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if feature_map.precompute:  # phi once, kept for the backward pass by the map itself
+        q, k = (feature_map(t.to(compute)).contiguous() for t in (q, k))  # (B, H, N, m) features
+        feature_map = Identity(feature_map.num_features)
     q, k, v = (t.to(compute).contiguous() for t in (q, k, v))  # segments and chunks are then plain views
     if not causal:
         out = _BidirectionalKernelAttention.apply(q, k, v, key_mask, feature_map, segment_size)
@@ -170,7 +173,7 @@ class _Features:
 
     phi:       (B, H, n, m) stabilised features: phi(x) up to a per-row factor (exp(log_scale) for keys)
     log_scale: (B, H, n) keys only: the log of that factor (-inf for padded keys); None for queries
-    peak:      (B, H, n, m) bool, exponential maps in the backward pass: where each row's largest projection is
+    peak:      (B, H, n) int64, exponential maps in the backward pass: the index of each row's largest projection
     raw, norm, leaf: the map's outputs with their graph back to `leaf` (backward pass only)
     """
 
@@ -185,6 +188,8 @@ class _Features:
 def _evaluate(feature_map: FeatureMap, x: Tensor, graph: bool, *, with_norm: bool):
     """The map's raw output (projection for exponential maps, phi itself otherwise), its log-norm
     when asked (exponential keys), and the leaf they hang from when `graph` (backward pass)."""
+    if feature_map.identity:
+        return x, None, x
     leaf = x.detach().requires_grad_() if graph else x
     with torch.set_grad_enabled(graph):
         if not feature_map.exponential:
@@ -196,8 +201,10 @@ def _evaluate(feature_map: FeatureMap, x: Tensor, graph: bool, *, with_norm: boo
 def _stabilised(feature_map: FeatureMap, projection: Tensor, graph: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """exp(P - max_f P) + eps (B, H, n, m), each row's max and (for the backward pass) where it is:
     phi(x) / exp(max + log_norm). Overwrites `projection` (a detached buffer nobody reads again)."""
-    row_max = projection.amax(dim=-1)  # (B, H, n)
-    peak = projection == row_max[..., None] if graph else None  # (B, H, n, m)
+    if graph:
+        row_max, peak = projection.max(dim=-1)  # (B, H, n) each: the max and where it is
+    else:
+        row_max, peak = projection.amax(dim=-1), None  # (B, H, n)
     phi = projection.sub_(row_max[..., None]).exp_().add_(feature_map.epsilon)  # (B, H, n, m), in (0, 1 + eps]
     return phi, row_max, peak
 
@@ -235,13 +242,15 @@ def _features_backward(feature_map: FeatureMap, features: _Features, grad_phi: T
     exp term gives grad_phi (phi - eps); the eps term follows M, i.e. the row's largest projection;
     the key log-norm multiplies the whole row, so it gets sum_f grad_phi phi. (Queries have no
     log-norm: it cancels.)"""
+    if feature_map.identity:
+        return grad_phi
     if not feature_map.exponential:
         return torch.autograd.grad(features.raw, features.leaf, grad_phi)[0]
     eps = feature_map.epsilon
     grad_eps = grad_phi.sum(-1, keepdim=True) * eps  # (B, H, n, 1): through each row's eps term
     grad_raw = grad_phi.mul_(features.phi.sub_(eps))  # (B, H, n, m), in place: phi is not needed after this
     grad_norm = None if features.norm is None else grad_raw.sum(-1) + grad_eps[..., 0]  # sum_f grad_phi phi
-    grad_raw += features.peak * grad_eps
+    grad_raw.scatter_add_(-1, features.peak[..., None], grad_eps)  # the eps term follows the row's max
     if grad_norm is None:
         return torch.autograd.grad(features.raw, features.leaf, grad_raw)[0]
     return torch.autograd.grad((features.raw, features.norm), features.leaf, (grad_raw, grad_norm))[0]
@@ -341,19 +350,16 @@ class _CausalKernelAttention(torch.autograd.Function):
 class _ScanWeights:
     """The stabiliser factors of one segment's causal scan (exponential maps; see the module doc).
 
-    All are <= 1 and causal: key_weights exp(g_j - R_end,c) (B, H, nc, C); carry exp(R_end,c' -
-    R_start,c) for c' < c (B, H, nc, nc); entry exp(R_in - R_start,c) (B, H, nc); row_scale
-    exp(R_start,c - M_i) (B, H, nc, C); within exp(g_j - M_i) for j <= i in a chunk (B, H, nc, C, C);
-    final_carry exp(R_end,c - R_out) (B, H, nc); final_entry exp(R_in - R_out) (B, H); ref_out (B, H).
+    All are <= 1 and causal: key_weights exp(g_j - R_end,c) (B, H, nc, C); decay exp(R_start,c -
+    R_end,c) (B, H, nc), the rescaling of the carried state across chunk c; row_scale exp(R_start,c -
+    M_i) (B, H, nc, C); within exp(g_j - M_i) for j <= i in a chunk (B, H, nc, C, C); ref_out (B, H).
+    R_start,c is the running max before chunk c (R_start,0 = R_in), R_end,c = R_start,c+1 after it.
     """
 
     key_weights: Tensor
-    carry: Tensor
-    entry: Tensor
+    decay: Tensor
     row_scale: Tensor
     within: Tensor
-    final_carry: Tensor
-    final_entry: Tensor
     ref_out: Tensor
 
 
@@ -361,50 +367,54 @@ def _scan_weights(log_scale: Tensor, ref_in: Tensor, size: int) -> _ScanWeights:
     """From the key log-scales g (B, H, L) of one segment and the incoming reference R_in (B, H)."""
     running = torch.maximum(log_scale.cummax(dim=-1).values, ref_in[..., None])  # (B, H, L): M_i
     log_scale, running = log_scale.unflatten(-1, (-1, size)), running.unflatten(-1, (-1, size))  # (B, H, nc, C)
-    nc = log_scale.shape[2]
     chunk_end = running[..., -1]  # (B, H, nc): running max after each chunk
     chunk_start = torch.cat([ref_in[..., None], chunk_end[..., :-1]], dim=-1)  # (B, H, nc): before each chunk
-    ref_out = chunk_end[..., -1]  # (B, H)
-    earlier = torch.ones(nc, nc, dtype=torch.bool, device=log_scale.device).tril(-1)  # (nc, nc): c' < c
     future = torch.ones(size, size, dtype=torch.bool, device=log_scale.device).triu(1)  # (C, C): j > i
     exponent = log_scale[..., None, :] - running.nan_to_num(neginf=0.0)[..., :, None]  # (B, H, nc, C, C)
     return _ScanWeights(
         key_weights=_decay(log_scale, chunk_end[..., None]),
-        carry=_decay(chunk_end[..., None, :].masked_fill(~earlier, NEG_INF), chunk_start[..., :, None]),
-        entry=_decay(ref_in[..., None], chunk_start),
+        decay=_decay(chunk_start, chunk_end),
         row_scale=_decay(chunk_start[..., None], running),
         within=torch.exp(exponent.masked_fill_(future, NEG_INF)),
-        final_carry=_decay(chunk_end, ref_out[..., None]),
-        final_entry=_decay(ref_in, ref_out),
-        ref_out=ref_out,
+        ref_out=chunk_end[..., -1],
     )
 
 
 def _carry_states(summaries: Tensor, kv_in: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
     """The state entering each chunk (B, H, nc, m, d + 1) and leaving the segment (B, H, m, d + 1).
 
-    Direct maps: exclusive prefix sums over the chunk axis. Exponential maps: the same sums with the
-    rescalings of `w`, as one (nc x nc) product (a rescaled prefix sum is not a cumsum)."""
+    Direct maps: exclusive prefix sums over the chunk axis. Exponential maps: the same recurrence
+    with a rescaling, S_{c+1} = S_c exp(R_start,c - R_end,c) + T_c (each T_c is relative to R_end,c),
+    run chunk by chunk: every factor is <= 1, so nothing overflows, and it reads each summary once
+    (a rescaled prefix sum is not a cumsum)."""
     if w is None:
-        prefix = summaries.cumsum(dim=2)  # (B, H, nc, m, d + 1), inclusive
-        states = torch.cat([torch.zeros_like(prefix[:, :, :1]), prefix[:, :, :-1]], dim=2) + kv_in[:, :, None]
-        return states, prefix[:, :, -1] + kv_in
-    flat = summaries.flatten(-2)  # (B, H, nc, m * (d + 1))
-    states = (w.carry @ flat).view_as(summaries) + w.entry[..., None, None] * kv_in[:, :, None]
-    kv_out = (w.final_carry[..., None, :] @ flat).view_as(kv_in) + w.final_entry[..., None, None] * kv_in
+        states = torch.empty_like(summaries)  # (B, H, nc, m, d + 1)
+        states[:, :, 0] = kv_in
+        torch.cumsum(summaries[:, :, :-1], dim=2, out=states[:, :, 1:])  # exclusive prefix sums
+        states[:, :, 1:] += kv_in[:, :, None]
+        return states, states[:, :, -1] + summaries[:, :, -1]
+    nc = summaries.shape[2]
+    states = torch.empty_like(summaries)  # (B, H, nc, m, d + 1)
+    states[:, :, 0] = kv_in  # relative to R_start,0 = R_in
+    for c in range(nc - 1):  # S_{c+1}, relative to R_end,c, written in place
+        torch.addcmul(summaries[:, :, c], states[:, :, c], w.decay[:, :, c, None, None], out=states[:, :, c + 1])
+    kv_out = torch.addcmul(summaries[:, :, -1], states[:, :, -1], w.decay[:, :, -1, None, None])  # (B, H, m, d + 1)
     return states, kv_out
 
 
 def _carry_states_backward(grad_states: Tensor, grad_kv_out: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
     """The gradients of `_carry_states` with respect to the chunk summaries and the incoming state."""
     if w is None:
-        suffix = grad_states.flip(2).cumsum(dim=2).flip(2)  # (B, H, nc, m, d + 1): sum over c >= c'
-        grad_summaries = torch.cat([suffix[:, :, 1:], torch.zeros_like(suffix[:, :, :1])], dim=2)
-        return grad_summaries + grad_kv_out[:, :, None], grad_states.sum(dim=2) + grad_kv_out
-    flat = grad_states.flatten(-2)  # (B, H, nc, m * (d + 1))
-    grad_summaries = (w.carry.transpose(-1, -2) @ flat).view_as(grad_states)
-    grad_summaries += w.final_carry[..., None, None] * grad_kv_out[:, :, None]
-    grad_kv_in = (w.entry[..., None, None] * grad_states).sum(dim=2) + w.final_entry[..., None, None] * grad_kv_out
+        total = grad_states.sum(dim=2)  # (B, H, m, d + 1)
+        # summary c' feeds the states of every later chunk: sum over c > c' = total - inclusive prefix
+        grad_summaries = torch.cumsum(grad_states, dim=2).neg_().add_((total + grad_kv_out)[:, :, None])
+        return grad_summaries, total + grad_kv_out
+    nc = grad_states.shape[2]
+    grad_summaries = torch.empty_like(grad_states)  # (B, H, nc, m, d + 1): T_c's gradient is S_{c+1}'s
+    grad_summaries[:, :, -1] = grad_kv_out
+    for c in range(nc - 1, 0, -1):  # d loss / d S_c = grad_states_c + decay_c d loss / d S_{c+1}
+        torch.addcmul(grad_states[:, :, c], grad_summaries[:, :, c], w.decay[:, :, c, None, None], out=grad_summaries[:, :, c - 1])
+    grad_kv_in = torch.addcmul(grad_states[:, :, 0], grad_summaries[:, :, 0], w.decay[:, :, 0, None, None])
     return grad_summaries, grad_kv_in
 
 
@@ -427,6 +437,8 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     unit weights, prefix sums between chunks, the causal triangle inside them."""
     B, H, n, d = v.shape
     size = min(chunk_size, n)
+    if feature_map.identity:  # q, k are the features: contiguous chunks fold into one batch dimension
+        q, k = q.contiguous(), k.contiguous()  # without a copy per product
     (q, _), (k, _), (v, pad) = (pad_to_multiple(t, size) for t in (q, k, v))  # (B, H, L = nc * C, .)
     mask = None if mask is None and pad == 0 else pad_mask_to_multiple(mask, n, size, B, q.device)
     backward = grad_out is not None
