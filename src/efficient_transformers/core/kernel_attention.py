@@ -127,6 +127,13 @@ def _decay(log_from: Tensor, log_to: Tensor) -> Tensor:
     return torch.exp(log_from - log_to.nan_to_num(neginf=0.0))
 
 
+def _heads_last(v: Tensor, n: int) -> Tensor:
+    """An output buffer (B, H, n, d) stored as (B, n, H, d), so that the layer's head merge (B, n, H d)
+    is a view rather than a copy."""
+    B, H, _, d = v.shape
+    return v.new_empty(B, n, H, d).transpose(1, 2)
+
+
 def _spans(n: int, segment_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + segment_size, n)) for s in range(0, n, segment_size)]
 
@@ -275,7 +282,7 @@ class _BidirectionalKernelAttention(torch.autograd.Function):
             new_ref = torch.maximum(log_ref, segment_ref)  # (B, H)
             kv = kv * _decay(log_ref, new_ref)[..., None, None] + summary * _decay(segment_ref, new_ref)[..., None, None]
             log_ref = new_ref
-        out, normaliser = v.new_empty(B, H, n, d), v.new_empty(B, H, n)
+        out, normaliser = _heads_last(v, n), v.new_empty(B, H, n)
         for s, e in spans:
             out1 = _query_features(feature_map, q[..., s:e, :], graph=False).phi @ kv  # (B, H, n_s, d + 1)
             _normalise(out1, out[..., s:e, :], normaliser[..., s:e])
@@ -314,7 +321,7 @@ class _CausalKernelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size):
         B, H, n, d = v.shape
         spans = _spans(n, segment_size)
-        out, normaliser = v.new_empty(B, H, n, d), v.new_empty(B, H, n)
+        out, normaliser = _heads_last(v, n), v.new_empty(B, H, n)
         entry_kv = kv_in.new_empty((len(spans),) + kv_in.shape)  # the state entering each segment
         entry_ref = ref_in.new_empty((len(spans),) + ref_in.shape)
         kv, ref = kv_in, ref_in

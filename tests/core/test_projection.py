@@ -1,0 +1,47 @@
+"""The layer's fused q/k/v projection equals nn.Linear followed by the head split, values and gradients."""
+
+import pytest
+import torch
+
+from efficient_transformers import build_attention
+
+B, N, DIM, H = 2, 7, 16, 4
+
+
+def _plain_split(layer, x):
+    qkv = torch.nn.functional.linear(x, layer.to_qkv.weight, layer.to_qkv.bias)  # (B, N, 3 dim)
+    q, k, v = qkv.view(B, N, 3, H, DIM // H).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
+def test_projection_matches_linear_and_split(used):
+    torch.manual_seed(0)
+    layer = build_attention("vanilla", DIM, H).double()
+    x = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(B, H, N, DIM // H, dtype=torch.float64) for _ in range(3)]
+
+    def loss(parts):
+        return sum((parts[i] * weights[i]).sum() for i in used)
+
+    fused = layer.project_qkv(x)
+    plain = _plain_split(layer, x)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+    params = [x, layer.to_qkv.weight, layer.to_qkv.bias]
+    got = torch.autograd.grad(loss(fused), params)
+    want = torch.autograd.grad(loss(plain), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_projection_under_bf16_autocast_gives_float32_grads():
+    torch.manual_seed(0)
+    layer = build_attention("vanilla", DIM, H)
+    x = torch.randn(B, N, DIM, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = layer.project_qkv(x)
+        assert q.dtype == torch.bfloat16
+        (q.float().square().sum() + v.float().sum()).backward()
+    assert x.grad.dtype == torch.float32 and layer.to_qkv.weight.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and layer.to_qkv.weight.grad[DIM:2 * DIM].abs().sum() == 0  # k unused
