@@ -123,7 +123,8 @@ def _project(projection: Tensor, x: Tensor) -> Tensor:
         return projection @ x  # (B, H, k, d)
     B, H, n, d = x.shape
     columns = x.permute(2, 0, 1, 3).reshape(n, B * H * d)  # (N, B*H*d), a view when B = 1
-    return (projection[0] @ columns).view(-1, B, H, d).permute(1, 2, 0, 3)  # (B, H, k, d)
+    shared = projection.squeeze(0)  # (k, N); a view whose gradient is a view too (indexing [0] would zero-fill)
+    return (shared @ columns).view(-1, B, H, d).permute(1, 2, 0, 3)  # (B, H, k, d)
 
 
 def share_layerwise(layers: Iterable[LinformerAttention]) -> None:
