@@ -108,7 +108,7 @@ class _EluPlusOneFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_phi):
         (phi,) = ctx.saved_tensors
-        return grad_phi * phi.clamp(max=1.0)
+        return phi.clamp(max=1.0).mul_(grad_phi)
 
 
 class Identity(FeatureMap):
