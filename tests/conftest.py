@@ -23,3 +23,21 @@ def _greedy_by_full_forwards(lm, prompt: torch.Tensor, steps: int) -> torch.Tens
 @pytest.fixture
 def greedy_by_full_forwards():
     return _greedy_by_full_forwards
+
+
+def _decode_in_steps(layer, x: torch.Tensor, prefill: int, on_step=None):
+    """Run a causal layer on x[:, :prefill], then one token at a time with the carried state; returns
+    (the outputs concatenated along N, the final state). `on_step(state)` sees each state."""
+    y, state = layer(x[:, :prefill], return_state=True)
+    outs = [y]
+    for t in range(prefill, x.shape[1]):
+        y, state = layer(x[:, t : t + 1], state=state, return_state=True)
+        outs.append(y)
+        if on_step is not None:
+            on_step(state)
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.fixture
+def decode_in_steps():
+    return _decode_in_steps

@@ -103,16 +103,11 @@ def test_fixed_random_is_a_saved_buffer_and_trainable_random_a_parameter():
     assert not hasattr(trained, "to_qkv"), "no dot-product term: no query/key projections"
 
 
-def test_decoding_cache_holds_values_only_without_a_dot_product_term():
+def test_decoding_cache_holds_values_only_without_a_dot_product_term(decode_in_steps):
     layer = build("factorized_dense", causal=True)
     x = torch.randn(2, 12, DIM, dtype=torch.float64)
-    full = layer(x)
-    y, state = layer(x[:, :5], return_state=True)
-    outs = [y]
-    for t in range(5, 12):
-        y, state = layer(x[:, t : t + 1], state=state, return_state=True)
-        outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-12, rtol=1e-12)
+    stepped, state = decode_in_steps(layer, x, 5)
+    torch.testing.assert_close(stepped, layer(x), atol=1e-12, rtol=1e-12)
     assert isinstance(state, KVCache) and state.k.shape == (2, HEADS, 12, 0) and state.v.shape == (2, HEADS, 12, D)
 
 

@@ -60,21 +60,25 @@ class TransformerEncoder(nn.Module):
         return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, dim)
 
 
+def classification_head(in_features: int, mlp_dim: int, num_classes: int) -> nn.Sequential:
+    """The LRA classifier head: Linear -> ReLU -> Linear (in_features -> mlp_dim -> num_classes)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return nn.Sequential(nn.Linear(in_features, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, num_classes))
+
+
 class TransformerClassifier(nn.Module):
     def __init__(self, vocab_size: int, num_classes: int, dim: int = 256, depth: int = 4, heads: int = 4, *,
                  attention: str = "vanilla", attention_options: dict[str, Any] | None = None,
                  pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str = "sinusoidal",
                  ff_mult: int = 4, dropout: float = 0.0, mlp_dim: int | None = None) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.encoder = TransformerEncoder(
             vocab_size, dim, depth, heads, attention=attention, attention_options=attention_options,
             pooling=pooling, max_seq_len=max_seq_len, norm=norm, positional=positional, ff_mult=ff_mult,
             dropout=dropout,
         )
-        mlp_dim = mlp_dim or dim
-        self.head = nn.Sequential(nn.Linear(dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, num_classes))
+        self.head = classification_head(dim, mlp_dim or dim, num_classes)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         """tokens (B, N) long, mask (B, N) bool -> logits (B, num_classes)."""

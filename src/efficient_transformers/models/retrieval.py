@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .classifier import TransformerEncoder
+from .classifier import TransformerEncoder, classification_head
 
 
 class RetrievalModel(nn.Module):
@@ -25,15 +25,12 @@ class RetrievalModel(nn.Module):
                  pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str = "sinusoidal",
                  ff_mult: int = 4, dropout: float = 0.0, mlp_dim: int | None = None, num_classes: int = 2) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.encoder = TransformerEncoder(
             vocab_size, dim, depth, heads, attention=attention, attention_options=attention_options,
             pooling=pooling, max_seq_len=max_seq_len, norm=norm, positional=positional, ff_mult=ff_mult,
             dropout=dropout,
         )
-        mlp_dim = mlp_dim or dim
-        self.head = nn.Sequential(nn.Linear(4 * dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, num_classes))
+        self.head = classification_head(4 * dim, mlp_dim or dim, num_classes)  # on [X1, X2, X1 * X2, X1 - X2]
 
     def encode_pair(self, tokens: Tensor, tokens2: Tensor, mask: Tensor | None = None,
                     mask2: Tensor | None = None) -> tuple[Tensor, Tensor]:
