@@ -3,7 +3,8 @@
 Every registered mechanism is run through every check below in every mode its card declares
 (bidirectional and/or causal), the moment it is registered. Mechanisms may declare
 `small_options` on their layer class: options that exercise their structure at the tiny sizes
-used here (e.g. a block size of 4); otherwise the card's defaults are used.
+used here (e.g. a block size of 4), and `causal_small_options` added in causal mode only (e.g. a
+causal scan's chunk size); otherwise the card's defaults are used.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ PATTERN_CASES = [(n, c) for n, c in CASES if et.card(n).fixed_pattern]
 PATTERN_IDS = [f"{n}-{'causal' if c else 'bidir'}" for n, c in PATTERN_CASES]
 
 
-def small_options(name: str) -> dict:
-    return dict(getattr(mechanism_class(name), "small_options", {}))
+def small_options(name: str, causal: bool) -> dict:
+    cls = mechanism_class(name)
+    return {**getattr(cls, "small_options", {}), **(getattr(cls, "causal_small_options", {}) if causal else {})}
 
 
 def build(name: str, causal: bool, *, seed: int = 0, dim: int = DIM, heads: int = HEADS, dtype=torch.float32, **extra):
     torch.manual_seed(seed)
-    layer = et.build_attention(name, dim, heads, causal, **{**small_options(name), **extra})
+    layer = et.build_attention(name, dim, heads, causal, **{**small_options(name, causal), **extra})
     return layer.to(dtype)
 
 
@@ -169,7 +171,7 @@ def test_token_by_token_decoding_equals_the_parallel_form(name, causal, decode_i
 def test_generate_greedy_equals_repeated_full_forwards(name, causal, greedy_by_full_forwards):
     torch.manual_seed(0)
     lm = et.TransformerLM(vocab_size=23, dim=DIM, depth=2, heads=HEADS, attention=name,
-                          attention_options=small_options(name), max_seq_len=64).double()
+                          attention_options=small_options(name, True), max_seq_len=64).double()
     prompt = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(5))
     fast = lm.generate(prompt, max_new_tokens=9, top_k=1)
     slow = greedy_by_full_forwards(lm, prompt, 9)

@@ -11,11 +11,12 @@ Causal: the sums run over j <= i. Training uses the chunked form of `core.kernel
 decoding is the paper's RNN: the state S = sum phi(k_j) [v_j, 1]^T is all that is carried, so each
 new token costs O(d^2) time and memory whatever the prefix length (card decoding="recurrent").
 
-Defaults: `chunk_size=64` (it shapes the causal scan only; a bidirectional layer has no chunks),
-inside the 64-128 range where the intra-chunk products (N C d) stay
-below the inter-chunk ones (N d^2) for d = 64 heads and the per-chunk states ((N / C) d^2 numbers)
-stay small. phi(Q) and phi(K) are as large as Q and K, so they are computed once and kept for the
-backward pass (which needs only them: d phi / dx = min(phi, 1)); training keeps O(N d) memory. phi is exactly the paper's: no epsilon in features or normaliser (a query with no
+Option `chunk_size` (causal layers only; None = 64): inside the 64-128 range where the intra-chunk
+products (N C d) stay below the inter-chunk ones (N d^2) for d = 64 heads and the per-chunk states
+((N / C) d^2 numbers) stay small. A bidirectional layer has no chunks and refuses a chunk size
+instead of ignoring it. phi(Q) and phi(K) are as large as Q and K, so they are computed once and
+kept for the backward pass (which needs only them: d phi / dx = min(phi, 1)); training keeps
+O(N d) memory. phi is exactly the paper's: no epsilon in features or normaliser (a query with no
 key to attend gets zeros).
 """
 
@@ -29,9 +30,21 @@ from ..core.kernel_attention import KernelState, kernel_attention
 from ..registry import Card, register
 
 
-def check_chunk_size(name: str, chunk_size) -> int:
+DEFAULT_CHUNK_SIZE = 64
+
+
+def check_chunk_size(name: str, chunk_size, causal: bool) -> int | None:
+    """The causal scan's chunk length: None -> 64 when causal. A bidirectional layer has no chunks, so
+    it refuses a chunk size rather than ignore it."""
+    if chunk_size is None:
+        return DEFAULT_CHUNK_SIZE if causal else None
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+        raise ValueError(f"{name}: chunk_size must be a positive int (or None), got {chunk_size!r}")
+    if not causal:
+        raise ValueError(
+            f"{name}: chunk_size={chunk_size} was given to a bidirectional layer, which has no chunks "
+            "(it shapes the causal scan only); allowed: chunk_size=None when causal=False"
+        )
     return chunk_size
 
 
@@ -46,23 +59,23 @@ def check_chunk_size(name: str, chunk_size) -> int:
         classes=("KR",),
         causal=True,
         bidirectional=True,
-        options={"chunk_size": 64},
+        options={"chunk_size": None},
         decoding="recurrent",
     )
 )
 class LinearTransformerAttention(AttentionLayer):
-    small_options = {"chunk_size": 4}
+    causal_small_options = {"chunk_size": 4}
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, *, chunk_size: int = 64) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False, *, chunk_size: int | None = None) -> None:
         super().__init__(dim, heads, causal)
-        self.chunk_size = check_chunk_size(self.card.name, chunk_size)
+        self.chunk_size = check_chunk_size(self.card.name, chunk_size, causal)
         self.feature_map = EluPlusOne(self.head_dim)
         self.segment_size = 1024  # tokens per scan segment (a multiple of chunk_size is used)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: KernelState | None):
         return kernel_attention(
             q, k, v, self.feature_map, key_mask=mask, causal=self.causal, state=state,
-            chunk_size=self.chunk_size, segment_size=self.segment_size,
+            chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, segment_size=self.segment_size,
         )
 
     def extra_repr(self) -> str:

@@ -24,8 +24,9 @@ Options (the paper's):
   calls in training mode (the paper found periodic redrawing necessary on long runs). The features,
   their seed and the draw count are buffers, so a saved layer reloads with the same features and the
   same module gives the same output in train and eval while redrawing is off.
-- `chunk_size`: tokens per chunk of the causal scan (default 64, in the 64-128 range where the
-  intra-chunk products N C m stay below the feature products N d m).
+- `chunk_size`: tokens per chunk of the causal scan, causal layers only (None = 64, in the 64-128
+  range where the intra-chunk products N C m stay below the feature products N d m); a
+  bidirectional layer refuses it rather than ignore it.
 
 Numerics: features and normalisers run in float32 (float64 for float64 inputs) with exact, causal
 stabilisers (see `core.kernel_attention`): no overflow for any input magnitude, no NaN in bf16/fp16.
@@ -44,7 +45,7 @@ from ..core import AttentionLayer
 from ..core.feature_maps import PositiveRandomFeatures, ReluRandomFeatures
 from ..core.kernel_attention import KernelState, kernel_attention
 from ..registry import Card, register
-from .linear_transformer import check_chunk_size
+from .linear_transformer import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 FEATURES = ("positive", "hyperbolic", "relu")
 
@@ -59,12 +60,13 @@ FEATURES = ("positive", "hyperbolic", "relu")
         classes=("KR",),
         causal=True,
         bidirectional=True,
-        options={"nb_features": 256, "features": "positive", "orthogonal": True, "redraw_interval": None, "chunk_size": 64},
+        options={"nb_features": 256, "features": "positive", "orthogonal": True, "redraw_interval": None, "chunk_size": None},
         decoding="recurrent",
     )
 )
 class PerformerAttention(AttentionLayer):
-    small_options = {"nb_features": 16, "chunk_size": 4}
+    small_options = {"nb_features": 16}
+    causal_small_options = {"chunk_size": 4}
 
     def __init__(
         self,
@@ -76,7 +78,7 @@ class PerformerAttention(AttentionLayer):
         features: str = "positive",
         orthogonal: bool = True,
         redraw_interval: int | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(dim, heads, causal)
         name = self.card.name
@@ -90,7 +92,7 @@ class PerformerAttention(AttentionLayer):
             not isinstance(redraw_interval, int) or isinstance(redraw_interval, bool) or redraw_interval < 1
         ):
             raise ValueError(f"{name}: redraw_interval must be None (no redraw) or a positive int, got {redraw_interval!r}")
-        self.chunk_size = check_chunk_size(name, chunk_size)
+        self.chunk_size = check_chunk_size(name, chunk_size, causal)
         self.features, self.redraw_interval = features, redraw_interval
         if features == "relu":
             self.feature_map = ReluRandomFeatures(self.head_dim, nb_features, orthogonal=orthogonal)
@@ -109,7 +111,7 @@ class PerformerAttention(AttentionLayer):
             self.calls_since_redraw += 1
         return kernel_attention(
             q, k, v, self.feature_map, key_mask=mask, causal=self.causal, state=state,
-            chunk_size=self.chunk_size, segment_size=self.segment_size,
+            chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, segment_size=self.segment_size,
         )
 
     def extra_repr(self) -> str:
