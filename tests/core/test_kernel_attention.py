@@ -116,6 +116,25 @@ def test_equals_the_naive_quadratic_form_outputs_and_gradients(kind, causal, chu
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
+def test_float32_causal_gradients_of_late_keys_keep_their_own_precision():
+    """A key's gradient sums over the later queries only (a suffix). When the early queries' loss
+    terms are 10^4 times larger, a suffix computed as total minus prefix would lose 4 digits in
+    float32; the backward recurrence keeps them."""
+    feature_map = EluPlusOne(D)
+    q, k, v = (t.detach()[:1, :1, :].repeat(1, 1, 8, 1) for t in qkv(n=64))  # (1, 1, 512, D) float64
+    n = q.shape[-2]
+    loss_weights = torch.randn(1, 1, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss_weights[..., : n // 2, :] *= 1e4
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, _ = kernel_attention(*inputs, feature_map, causal=True, chunk_size=4, segment_size=n)
+        grads[dtype] = torch.autograd.grad((out * loss_weights.to(dtype)).sum(), inputs[1:])
+    for got, expected in zip(grads[torch.float32], grads[torch.float64]):
+        late, late_expected = got[..., n // 2:, :].double(), expected[..., n // 2:, :]
+        assert (late - late_expected).abs().max() <= 1e-5 * late_expected.abs().max()
+
+
 # ----------------------------------------------------------------------------- the recurrent state
 @pytest.mark.parametrize("kind", ["elu", "positive"])
 def test_state_continuation_equals_one_call_for_any_split(kind):

@@ -56,7 +56,8 @@ sequence and kept: recomputing them would cost more than the N x d numbers they 
 
 Performance notes (measured with `eft bench`, see the README): the stabiliser's epsilon term is
 differentiated through the index of each row's maximum (a scatter), not a dense mask; the causal
-carry between chunks is an in-place recurrence (a prefix sum for direct maps); outputs are written
+carry between chunks is an in-place recurrence (a prefix sum for direct maps), and so is its adjoint;
+outputs are written
 heads-last so that the layer's head merge is a view.
 """
 
@@ -418,19 +419,23 @@ def _carry_states(summaries: Tensor, kv_in: Tensor, w: _ScanWeights | None) -> t
 
 
 def _carry_states_backward(grad_states: Tensor, grad_kv_out: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
-    """The gradients of `_carry_states` with respect to the chunk summaries and the incoming state."""
-    if w is None:
-        total = grad_states.sum(dim=2)  # (B, H, m, d + 1)
-        # summary c' feeds the states of every later chunk: sum over c > c' = total - inclusive prefix
-        grad_summaries = torch.cumsum(grad_states, dim=2).neg_().add_((total + grad_kv_out)[:, :, None])
-        return grad_summaries, total + grad_kv_out
+    """The gradients of `_carry_states` with respect to the chunk summaries and the incoming state.
+
+    The adjoint recurrence, run backwards chunk by chunk: d loss / d S_c = grad_states_c + decay_c
+    d loss / d S_{c+1} (decay 1 for direct maps). Each step adds a true suffix sum, so the result
+    rounds relative to the suffix, unlike a total minus a prefix sum."""
     nc = grad_states.shape[2]
     grad_summaries = torch.empty_like(grad_states)  # (B, H, nc, m, d + 1): T_c's gradient is S_{c+1}'s
     grad_summaries[:, :, -1] = grad_kv_out
-    for c in range(nc - 1, 0, -1):  # d loss / d S_c = grad_states_c + decay_c d loss / d S_{c+1}
-        torch.addcmul(grad_states[:, :, c], grad_summaries[:, :, c], w.decay[:, :, c, None, None], out=grad_summaries[:, :, c - 1])
-    grad_kv_in = torch.addcmul(grad_states[:, :, 0], grad_summaries[:, :, 0], w.decay[:, :, 0, None, None])
-    return grad_summaries, grad_kv_in
+    for c in range(nc - 1, 0, -1):
+        if w is None:
+            torch.add(grad_states[:, :, c], grad_summaries[:, :, c], out=grad_summaries[:, :, c - 1])
+        else:
+            torch.addcmul(grad_states[:, :, c], grad_summaries[:, :, c], w.decay[:, :, c, None, None],
+                          out=grad_summaries[:, :, c - 1])
+    if w is None:
+        return grad_summaries, grad_states[:, :, 0] + grad_summaries[:, :, 0]
+    return grad_summaries, torch.addcmul(grad_states[:, :, 0], grad_summaries[:, :, 0], w.decay[:, :, 0, None, None])
 
 
 def _scaled(x: Tensor, factor: Tensor | None) -> Tensor:
