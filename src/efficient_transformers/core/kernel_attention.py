@@ -56,9 +56,8 @@ sequence and kept: recomputing them would cost more than the N x d numbers they 
 
 Performance notes (measured with `eft bench`, see the README): the stabiliser's epsilon term is
 differentiated through the index of each row's maximum (a scatter), not a dense mask; the causal
-carry between chunks is an in-place recurrence (a prefix sum for direct maps), and so is its adjoint;
-outputs are written
-heads-last so that the layer's head merge is a view.
+carry between chunks is an in-place recurrence (a prefix sum for direct maps), and so is its
+adjoint; outputs are written heads-last so that the layer's head merge is a view.
 """
 
 from __future__ import annotations
