@@ -6,7 +6,8 @@ from safetensors.torch import load_model, save_model
 
 import efficient_transformers as et
 from efficient_transformers.attention.linformer import share_layerwise
-from efficient_transformers.core import reference_attention
+from efficient_transformers.bench.harness import count_flops
+from efficient_transformers.core import AttentionLayer, reference_attention
 
 DIM, HEADS, D = 16, 2, 8
 
@@ -69,6 +70,47 @@ def test_equals_the_naive_projected_form_for_any_n_up_to_the_maximum(sharing, ma
         w = torch.randn_like(out)
         for got, expected in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
             torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sharing", ["headwise", "kv"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_projections_compress_x_first_with_the_same_values_and_gradients(sharing, masked):
+    """forward evaluates (E X) W + (E 1) b; the base layer's order E (X W + b) is the reference."""
+    torch.manual_seed(0)
+    layer = et.build_attention("linformer", DIM, HEADS, k=6, sharing=sharing, max_seq_len=24).double()
+    for n in (5, 24):
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(3, n, DIM, generator=g, dtype=torch.float64, requires_grad=True)
+        mask = None
+        if masked:
+            mask = torch.rand(3, n, generator=g) > 0.4
+            mask[:, 0], mask[2] = True, False  # the last item: all padding
+        out = layer(x, mask)
+        ref = AttentionLayer.forward(layer, x, mask)  # project q, k, v for all N tokens, then compress
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        w = torch.randn_like(out)
+        params = [x] + list(layer.parameters())
+        for got, expected in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sharing", ["headwise", "kv", "none"])
+def test_shared_projections_skip_the_key_and_value_projections_of_n_tokens(sharing):
+    """Matrix-product FLOPs of a train step, against the project-first order: the N x dim key and
+    value projections (forward and two backward products each) are gone; what replaces them is the
+    (k, dim) x (dim, dim) product and E 1; with E = F, X is also compressed once instead of twice."""
+    n, dim, k = 64, 32, 8
+    layer = et.build_attention("linformer", dim, HEADS, k=k, sharing=sharing, max_seq_len=n)
+    x = torch.randn(1, n, dim, requires_grad=True)
+    flops = count_flops(lambda: layer(x).sum().backward())
+    project_first = count_flops(lambda: AttentionLayer.forward(layer, x).sum().backward())
+    projections, small_products, row_sums, compression = 2 * 6 * n * dim**2, 2 * 6 * k * dim**2, 2 * 4 * n * k, 6 * k * n * dim
+    saved = {
+        "headwise": projections - small_products - row_sums,
+        "kv": projections + compression - small_products - row_sums // 2,
+        "none": 0,  # per-head E_i: the equation's own order is the cheaper one, and is kept
+    }[sharing]
+    assert project_first - flops == saved
 
 
 def test_sharing_shapes():

@@ -5,7 +5,11 @@ Keys and values are projected along the length axis, from N to k rows, before de
     head_i = softmax(Q W_i^Q (E_i K W_i^K)^T / sqrt(d)) F_i V W_i^V,    E_i, F_i in R^{k x N}
 
 Cost O(N k d) time and O(N k) memory (O(N d) here: the k-key attention runs through PyTorch's fused
-SDPA kernel). The projections are parameters of shape (k, max_seq_len); a sequence of N <=
+SDPA kernel). When E and F are shared by the heads (sharing "headwise" or "kv"), the layer evaluates
+E (X W^K + b^K) as (E X) W^K + (E 1) b^K, the same numbers in the cheaper order: the N x dim keys and
+values are never formed, which saves 2 N dim^2 multiply-adds for each of them (at dim = k = 256, a
+quarter of the layer's products). Per-head projections (sharing "none") keep the order of the
+equation, which is then the cheaper one. `attend(q, k, v)` takes keys and values already projected. The projections are parameters of shape (k, max_seq_len); a sequence of N <=
 `max_seq_len` tokens uses their first N columns. Not causal: E K mixes all positions, so every
 output depends on future tokens (`causal=True` is refused).
 
@@ -37,6 +41,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AttentionLayer, dense_attention, zero_padded
@@ -87,24 +92,62 @@ class LinformerAttention(AttentionLayer):
         bound = math.sqrt(3.0 / (max_seq_len + k))
         return torch.empty(copies, k, max_seq_len).uniform_(-bound, bound)
 
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: None = None, *, return_state: bool = False):
+        """x: (B, N, dim) -> (B, N, dim). With shared projections, keys and values are compressed from x
+        directly: E K = E (X W^K + b^K) = (E X) W^K + (E 1) b^K (see the module doc)."""
+        if self.proj_k.shape[0] > 1:  # per-head projections: E_i (X W_i^K) is the cheaper order
+            return super().forward(x, mask, state, return_state=return_state)
+        mask = self.check_input(x, mask, state)
+        B, n, _ = x.shape
+        w_q, w_k, w_v = self.to_qkv.weight.chunk(3)  # (dim, dim) each
+        b_q, b_k, b_v = self.to_qkv.bias.chunk(3)  # (dim,) each
+        q = F.linear(x, w_q, b_q).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        x_real = zero_padded(x, mask)[:, None]  # (B, 1, N, dim): padding adds nothing below
+        real = x.new_ones(B, n) if mask is None else mask.to(x.dtype)  # (B, N)
+        proj_k, proj_v = self._projections(n, x.dtype)  # (1, k, N) each
+        compressed_k = _project(proj_k, x_real).squeeze(1)  # (B, k, dim): E X
+        real_k = real @ proj_k.squeeze(0).T  # (B, k): E 1, over the real tokens
+        if self.proj_v is None:  # E = F: one compression for keys and values
+            compressed_v, real_v = compressed_k, real_k
+        else:
+            compressed_v, real_v = _project(proj_v, x_real).squeeze(1), real @ proj_v.squeeze(0).T
+        k_short = self._split_heads(compressed_k @ w_k.T + real_k[..., None] * b_k)  # (B, H, k, d)
+        v_short = self._split_heads(compressed_v @ w_v.T + real_v[..., None] * b_v)
+        out = self._attend_compressed(q, k_short, v_short, mask, proj_k, proj_v)  # (B, H, N, d)
+        y = self.to_out(self.merge_heads(out))  # (B, N, dim)
+        return (y, None) if return_state else y
+
+    def _split_heads(self, t: Tensor) -> Tensor:
+        B, k, _ = t.shape
+        return t.view(B, k, self.heads, self.head_dim).transpose(1, 2)  # (B, H, k, d)
+
+    def _projections(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        proj_k = _first_columns(self.proj_k, n).to(dtype)  # (1 | H, k, N)
+        proj_v = proj_k if self.proj_v is None else _first_columns(self.proj_v, n).to(dtype)
+        return proj_k, proj_v
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: None):
-        B, H, n, d = q.shape
         k, v = zero_padded(k, mask), zero_padded(v, mask)  # (B, H, N, d): padding adds nothing below
-        proj_k = _first_columns(self.proj_k, n).to(k.dtype)  # (1 | H, k, N)
-        proj_v = proj_k if self.proj_v is None else _first_columns(self.proj_v, n).to(v.dtype)
+        proj_k, proj_v = self._projections(q.shape[-2], k.dtype)
         k_short, v_short = _project(proj_k, k), _project(proj_v, v)  # (B, H, k, d)
+        return self._attend_compressed(q, k_short, v_short, mask, proj_k, proj_v), None
+
+    def _attend_compressed(self, q: Tensor, k_short: Tensor, v_short: Tensor, mask: Tensor | None,
+                           proj_k: Tensor, proj_v: Tensor) -> Tensor:
+        """Dense attention of q (B, H, N, d) over the k projected slots (B, H, k, d) -> (B, H, N, d)."""
+        B, H, n, d = q.shape
         if mask is None:
-            return dense_attention(q, k_short, v_short), None  # (B, H, N, d)
+            return dense_attention(q, k_short, v_short)
         # a projected slot built from padding alone carries nothing: exclude it (with E = F = I this is
         # exactly the key mask; with dense projections only all-padded items lose their slots)
         real = mask.T.to(proj_k.dtype)  # (N, B)
         filled = ((proj_k.abs() @ real) > 0) | ((proj_v.abs() @ real) > 0)  # (1 | H, k, B)
         slot_mask = filled.permute(2, 0, 1)  # (B, 1 | H, k)
         if slot_mask.shape[1] == 1:
-            return dense_attention(q, k_short, v_short, key_mask=slot_mask[:, 0]), None
+            return dense_attention(q, k_short, v_short, key_mask=slot_mask[:, 0])
         fold = lambda t: t.reshape(B * H, 1, t.shape[-2], d)  # noqa: E731  heads into the batch: per-head slot masks
         out = dense_attention(fold(q), fold(k_short), fold(v_short), key_mask=slot_mask.reshape(B * H, -1))
-        return out.view(B, H, n, d), None
+        return out.view(B, H, n, d)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, sharing={self.sharing}, max_seq_len={self.max_seq_len}"
