@@ -398,43 +398,37 @@ def _scan_weights(log_scale: Tensor, ref_in: Tensor, size: int) -> _ScanWeights:
 def _carry_states(summaries: Tensor, kv_in: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
     """The state entering each chunk (B, H, nc, m, d + 1) and leaving the segment (B, H, m, d + 1).
 
-    Direct maps: exclusive prefix sums over the chunk axis. Exponential maps: the same recurrence
-    with a rescaling, S_{c+1} = S_c exp(R_start,c - R_end,c) + T_c (each T_c is relative to R_end,c),
-    run chunk by chunk: every factor is <= 1, so nothing overflows, and it reads each summary once
-    (a rescaled prefix sum is not a cumsum)."""
-    if w is None:
-        states = torch.empty_like(summaries)  # (B, H, nc, m, d + 1)
-        states[:, :, 0] = kv_in
-        torch.cumsum(summaries[:, :, :-1], dim=2, out=states[:, :, 1:])  # exclusive prefix sums
-        states[:, :, 1:] += kv_in[:, :, None]
-        return states, states[:, :, -1] + summaries[:, :, -1]
+    The recurrence S_{c+1} = S_c decay_c + T_c, run chunk by chunk in place: direct maps have decay 1
+    (exclusive prefix sums); exponential maps rescale by exp(R_start,c - R_end,c) <= 1, each T_c being
+    relative to R_end,c, so nothing overflows (a rescaled prefix sum is not a cumsum)."""
     nc = summaries.shape[2]
     states = torch.empty_like(summaries)  # (B, H, nc, m, d + 1)
     states[:, :, 0] = kv_in  # relative to R_start,0 = R_in
-    for c in range(nc - 1):  # S_{c+1}, relative to R_end,c, written in place
-        torch.addcmul(summaries[:, :, c], states[:, :, c], w.decay[:, :, c, None, None], out=states[:, :, c + 1])
-    kv_out = torch.addcmul(summaries[:, :, -1], states[:, :, -1], w.decay[:, :, -1, None, None])  # (B, H, m, d + 1)
-    return states, kv_out
+    for c in range(nc):  # S_{c+1}, relative to R_end,c; the last one is the segment's output state
+        target = states[:, :, c + 1] if c + 1 < nc else None
+        if w is None:
+            target = torch.add(summaries[:, :, c], states[:, :, c], out=target)
+        else:
+            target = torch.addcmul(summaries[:, :, c], states[:, :, c], w.decay[:, :, c, None, None], out=target)
+    return states, target
 
 
 def _carry_states_backward(grad_states: Tensor, grad_kv_out: Tensor, w: _ScanWeights | None) -> tuple[Tensor, Tensor]:
     """The gradients of `_carry_states` with respect to the chunk summaries and the incoming state.
 
     The adjoint recurrence, run backwards chunk by chunk: d loss / d S_c = grad_states_c + decay_c
-    d loss / d S_{c+1} (decay 1 for direct maps). Each step adds a true suffix sum, so the result
-    rounds relative to the suffix, unlike a total minus a prefix sum."""
+    d loss / d S_{c+1}, and T_c's gradient is S_{c+1}'s. Each step adds a true suffix sum, so the
+    result rounds relative to the suffix (a total minus a prefix sum would round relative to the total)."""
     nc = grad_states.shape[2]
-    grad_summaries = torch.empty_like(grad_states)  # (B, H, nc, m, d + 1): T_c's gradient is S_{c+1}'s
+    grad_summaries = torch.empty_like(grad_states)  # (B, H, nc, m, d + 1)
     grad_summaries[:, :, -1] = grad_kv_out
-    for c in range(nc - 1, 0, -1):
+    for c in range(nc - 1, -1, -1):  # d loss / d S_c; the last one is the incoming state's
+        target = grad_summaries[:, :, c - 1] if c > 0 else None
         if w is None:
-            torch.add(grad_states[:, :, c], grad_summaries[:, :, c], out=grad_summaries[:, :, c - 1])
+            target = torch.add(grad_states[:, :, c], grad_summaries[:, :, c], out=target)
         else:
-            torch.addcmul(grad_states[:, :, c], grad_summaries[:, :, c], w.decay[:, :, c, None, None],
-                          out=grad_summaries[:, :, c - 1])
-    if w is None:
-        return grad_summaries, grad_states[:, :, 0] + grad_summaries[:, :, 0]
-    return grad_summaries, torch.addcmul(grad_states[:, :, 0], grad_summaries[:, :, 0], w.decay[:, :, 0, None, None])
+            target = torch.addcmul(grad_states[:, :, c], grad_summaries[:, :, c], w.decay[:, :, c, None, None], out=target)
+    return grad_summaries, target
 
 
 def _scaled(x: Tensor, factor: Tensor | None) -> Tensor:
