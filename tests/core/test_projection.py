@@ -15,11 +15,15 @@ def _plain_split(layer, x):
 
 
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
-def test_projection_matches_linear_and_split(used):
+@pytest.mark.parametrize("heads_last", [False, True])
+def test_projection_matches_linear_and_split(used, heads_last):
+    """Gradients arrive (B, H, N, d)-contiguous (copied once) or heads-last (read in place)."""
     torch.manual_seed(0)
     layer = build_attention("vanilla", DIM, H).double()
     x = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
-    weights = [torch.randn(B, H, N, DIM // H, dtype=torch.float64) for _ in range(3)]
+    shape = (B, N, H, DIM // H) if heads_last else (B, H, N, DIM // H)
+    weights = [torch.randn(shape, dtype=torch.float64).transpose(1, 2) if heads_last else torch.randn(shape, dtype=torch.float64)
+               for _ in range(3)]
 
     def loss(parts):
         return sum((parts[i] * weights[i]).sum() for i in used)

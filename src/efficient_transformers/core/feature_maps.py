@@ -108,7 +108,7 @@ class _EluPlusOneFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_phi):
         (phi,) = ctx.saved_tensors
-        return phi.clamp(max=1.0).mul_(grad_phi)
+        return torch.mul(grad_phi, phi.clamp(max=1.0))  # stored like grad_phi (kernel attention: heads-last)
 
 
 class Identity(FeatureMap):

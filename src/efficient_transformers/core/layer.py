@@ -155,13 +155,15 @@ class AttentionLayer(nn.Module):
 
 
 class _QKVProjection(torch.autograd.Function):
-    """q, k, v = split_heads(x W^T + b), with a backward pass that writes the three head-split
-    gradients straight into one (B, N, 3, dim) buffer for the two weight products.
+    """q, k, v = split_heads(x W^T + b), with a backward pass of three per-slot products that read each
+    head-split gradient where it lies.
 
-    Autograd's own graph for view / permute / unbind stacks the gradients and then copies them into
-    the projection's layout (two passes over 3 N dim numbers); at long N those copies cost a tenth
-    of a linear-time layer's step. Values and gradients are those of `nn.Linear` followed by the
-    head split (tested); double backward is not supported.
+    Autograd's own graph for view / permute / unbind stacks the three gradients into one
+    (B, N, 3, dim) buffer before the two weight products: two passes over 3 N dim numbers and a fresh
+    buffer, which at long N cost a tenth of a linear-time layer's step. Here a gradient stored heads-last
+    ((B, N, H, d) memory, as SDPA and kernel attention write them) is already the (B N, dim) operand of
+    its slot's products and is not copied at all; another layout is copied once. Values and gradients
+    are those of `nn.Linear` followed by the head split (tested); double backward is not supported.
     """
 
     @staticmethod
@@ -176,19 +178,35 @@ class _QKVProjection(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_q, grad_k, grad_v):
+        x, _ = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):  # the products in the weight's dtype, with out=
+            return _QKVProjection._backward(ctx, grad_q, grad_k, grad_v)
+
+    @staticmethod
+    def _backward(ctx, grad_q, grad_k, grad_v):
         x, weight = ctx.saved_tensors
         B, N, dim = x.shape
-        grad = torch.empty(B, N, 3, dim, dtype=weight.dtype, device=x.device)  # (B, N, 3, dim)
+        rows = x.reshape(B * N, dim).to(weight.dtype)  # (B N, dim)
+        grad_x = None
+        grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None  # (3 dim, dim)
+        grad_bias = weight.new_zeros(3 * dim) if ctx.needs_input_grad[2] else None
         for slot, g in enumerate((grad_q, grad_k, grad_v)):
             if g is None:
-                grad[:, :, slot].zero_()
-            else:
-                grad[:, :, slot].view(B, N, g.shape[1], g.shape[3]).copy_(g.transpose(1, 2))  # (B, N, H, d)
-        grad = grad.view(B * N, 3 * dim)  # (B*N, 3 dim)
-        grad_x = (grad @ weight).view(B, N, dim).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ x.reshape(B * N, dim).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None
+                continue
+            g = g.to(weight.dtype).transpose(1, 2).reshape(B * N, dim)  # (B N, H d): a view when heads-last
+            w = weight[slot * dim:(slot + 1) * dim]  # (dim, dim): this slot's rows
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ w if grad_x is None else torch.addmm(grad_x, g, w, out=grad_x)  # (B N, dim); FLOPs counted
+                # (FlopCounterMode has no formula for addmm_)
+            if grad_weight is not None:
+                torch.mm(g.t(), rows, out=grad_weight[slot * dim:(slot + 1) * dim])
+            if grad_bias is not None:
+                torch.sum(g, 0, out=grad_bias[slot * dim:(slot + 1) * dim])
+        if grad_x is not None:
+            grad_x = grad_x.view(B, N, dim).to(x.dtype)
+        elif ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x)
+        return grad_x, grad_weight, None if grad_bias is None else grad_bias.to(ctx.bias_dtype), None
 
 
 def _describe(t: Any) -> str:
