@@ -5,13 +5,16 @@ Keys and values are projected along the length axis, from N to k rows, before de
     head_i = softmax(Q W_i^Q (E_i K W_i^K)^T / sqrt(d)) F_i V W_i^V,    E_i, F_i in R^{k x N}
 
 Cost O(N k d) time and O(N k) memory (O(N d) here: the k-key attention runs through PyTorch's fused
-SDPA kernel). When E and F are shared by the heads (sharing "headwise" or "kv"), the layer evaluates
-E (X W^K + b^K) as (E X) W^K + (E 1) b^K, the same numbers in the cheaper order: the N x dim keys and
-values are never formed, which saves 2 N dim^2 multiply-adds for each of them (at dim = k = 256, a
-quarter of the layer's products). Per-head projections (sharing "none") keep the order of the
-equation, which is then the cheaper one. `attend(q, k, v)` takes keys and values already projected. The projections are parameters of shape (k, max_seq_len); a sequence of N <=
+SDPA kernel). The projections are parameters of shape (k, max_seq_len); a sequence of N <=
 `max_seq_len` tokens uses their first N columns. Not causal: E K mixes all positions, so every
 output depends on future tokens (`causal=True` is refused).
+
+Order of evaluation: when E and F are shared by the heads (sharing "headwise" or "kv"), the layer
+computes E (X W^K + b^K) as (E X) W^K + (E 1) b^K, the same numbers in the cheaper order: the N x dim
+keys and values are never formed, which saves 2 N dim^2 multiply-adds for each of them (at dim =
+k = 256, a quarter of the layer's matrix products, forward and backward). Per-head projections
+(sharing "none") keep the equation's order, which is then the cheaper one. `attend(q, k, v)` takes
+keys and values already projected, as every mechanism's core does.
 
 Padding: padded keys and values are zeroed before the projection, so they add nothing to E K and
 F V, and outputs at real positions do not depend on padded content. A projected slot that only
