@@ -4,6 +4,7 @@ process at twice the batch, and resume bit-identically."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,9 @@ def _start(cmd, env):
 
 def _finish(proc) -> str:
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
+    if proc.returncode != 0:  # the ranks' own error lines first: torchrun's summary alone names only a signal
+        causes = [line for line in err.splitlines() if re.search(r"Error|error|terminate|what\(\)|Traceback", line)]
+        pytest.fail(f"exit status {proc.returncode}; error lines:\n" + "\n".join(causes[:60]) + "\n--- tail ---\n" + err[-2000:])
     return out
 
 

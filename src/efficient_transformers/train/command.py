@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         results = trainer.fit(stop_at=args.stop_at)
+        env.barrier()  # no process tears the group down while another is still in a collective or writing
     except FloatingPointError as err:
         print(f"eft train: error: {err}", file=sys.stderr)
         return 1
