@@ -195,9 +195,8 @@ class _QKVProjection(torch.autograd.Function):
                 continue
             g = g.to(weight.dtype).transpose(1, 2).reshape(B * N, dim)  # (B N, H d): a view when heads-last
             w = weight[slot * dim:(slot + 1) * dim]  # (dim, dim): this slot's rows
-            if ctx.needs_input_grad[0]:
-                grad_x = g @ w if grad_x is None else torch.addmm(grad_x, g, w, out=grad_x)  # (B N, dim); FLOPs counted
-                # (FlopCounterMode has no formula for addmm_)
+            if ctx.needs_input_grad[0]:  # accumulated with out= rather than addmm_, which FlopCounterMode misses
+                grad_x = g @ w if grad_x is None else torch.addmm(grad_x, g, w, out=grad_x)  # (B N, dim)
             if grad_weight is not None:
                 torch.mm(g.t(), rows, out=grad_weight[slot * dim:(slot + 1) * dim])
             if grad_bias is not None:
