@@ -25,8 +25,8 @@ the ratio within a round (robust to drift of a shared machine); 1 thread by defa
     python -m efficient_transformers.bench.ceiling --lengths 4096,16384 --features 64,128,256 [--causal]
 
 The README's figures come from it: on this project's CPU, one thread, N = 16K and m = 256, the
-products alone are 20.5x faster than the SDPA step (causal 8.1x), so a Performer layer, which must
-also compute its features' exponentials, cannot be 20x faster (causal 10x) at these settings.
+products alone are 20.5-21.8x faster than the SDPA step (causal 8.1-8.4x), so a Performer layer,
+which must also compute its features' exponentials, cannot be 20x faster (causal 10x) there.
 """
 
 from __future__ import annotations
