@@ -38,17 +38,17 @@ def _finish(proc) -> str:
 
 def test_two_processes_match_one_process_and_resume_exactly(tmp_path, eft_command, child_env, run_helpers):
     ddp, single, stopped = tmp_path / "ddp", tmp_path / "single", tmp_path / "stopped"
-    # run concurrently: 2 processes x batch 4 (with dropout), the same again stopped at step 3, and
-    # 1 process x batch 8 without dropout against a dropout-free 2-process twin
+    # 2 processes x batch 4 (with dropout), the same again stopped at step 3, and 1 process x batch 8
+    # without dropout against a dropout-free 2-process twin. One torchrun job at a time (the
+    # single-process run beside them): concurrent jobs on 2 cores once lost a rank to SIGABRT
     ddp_nodrop = tmp_path / "ddp_nodrop"
-    procs = [
-        _start(_torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(ddp)), child_env),
-        _start(_torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(stopped),
-                         "--stop-at", "3"), child_env),
-        _start(_torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0", "--out", str(ddp_nodrop)), child_env),
-        _start([*eft_command, "train", *TINY, "--batch-size", "8", "--dropout", "0", "--out", str(single)], child_env),
-    ]
-    outputs = [_finish(p) for p in procs]
+    single_run = _start([*eft_command, "train", *TINY, "--batch-size", "8", "--dropout", "0", "--out", str(single)], child_env)
+    outputs = [_finish(_start(cmd, child_env)) for cmd in (
+        _torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(ddp)),
+        _torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(stopped), "--stop-at", "3"),
+        _torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0", "--out", str(ddp_nodrop)),
+    )]
+    _finish(single_run)
     assert "stopped at step 3 of 8" in outputs[1]
     resumed = _finish(_start(_torchrun(2, "--resume", "--out", str(stopped), "--progress", "off"), child_env))
     assert "listops/vanilla: 8 steps" in resumed
