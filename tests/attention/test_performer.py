@@ -7,21 +7,14 @@ import torch
 
 import efficient_transformers as et
 from efficient_transformers.core import reference_attention
-from efficient_transformers.core.kernel_attention import KernelState
+from efficient_transformers.core.kernel_attention import KernelState, reference_kernel_attention
 
 DIM, HEADS = 16, 2
 
 
 def naive_favor(layer, q, k, v, mask, causal):
     """phi(Q) phi(K)^T with the layer's own features (no stabilisers), masked, row-normalised, times V."""
-    phi_q, phi_k = layer.feature_map(q), layer.feature_map(k)  # (B, H, N, m)
-    weights = torch.einsum("bhim,bhjm->bhij", phi_q, phi_k)  # (B, H, N, N)
-    n = q.shape[-2]
-    if causal:
-        weights = weights * torch.ones(n, n, dtype=torch.bool).tril()
-    if mask is not None:
-        weights = weights * mask[:, None, None, :]
-    return torch.einsum("bhij,bhjd->bhid", weights, v) / weights.sum(-1, keepdim=True)
+    return reference_kernel_attention(layer.feature_map(q), layer.feature_map(k), v, key_mask=mask, causal=causal)
 
 
 @pytest.mark.parametrize("features", ["positive", "hyperbolic", "relu"])
