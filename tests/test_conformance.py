@@ -1,10 +1,10 @@
 """The conformance suite, generated from the registry.
 
 Every registered mechanism is run through every check below in every mode its card declares
-(bidirectional and/or causal), the moment it is registered. Mechanisms may declare
-`small_options` on their layer class: options that exercise their structure at the tiny sizes
-used here (e.g. a block size of 4), and `causal_small_options` added in causal mode only (e.g. a
-causal scan's chunk size); otherwise the card's defaults are used.
+(bidirectional and/or causal), the moment it is registered. Cards may declare `test_options`:
+options that exercise the layer's structure at the tiny sizes used here (e.g. a block size of 4),
+and `causal_test_options` added in causal mode only (e.g. a causal scan's chunk size); otherwise the
+card's defaults are used. `test_defaults_work` runs every mechanism once at its default options.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ PATTERN_CASES = [(n, c) for n, c in CASES if et.card(n).fixed_pattern]
 PATTERN_IDS = [f"{n}-{'causal' if c else 'bidir'}" for n, c in PATTERN_CASES]
 
 
+GLOBAL_CASES = [(n, c) for n, c in CASES if et.card(n).global_tokens]
+GLOBAL_IDS = [f"{n}-{'causal' if c else 'bidir'}" for n, c in GLOBAL_CASES]
+
+
 def small_options(name: str, causal: bool) -> dict:
-    cls = mechanism_class(name)
-    return {**getattr(cls, "small_options", {}), **(getattr(cls, "causal_small_options", {}) if causal else {})}
+    return et.card(name).small_options(causal)
 
 
 def build(name: str, causal: bool, *, seed: int = 0, dim: int = DIM, heads: int = HEADS, dtype=torch.float32, **extra):
@@ -60,13 +63,40 @@ def scattered_mask(batch: int, n: int, seed: int = 2) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the card
 @pytest.mark.parametrize("name", [c.name for c in et.mechanisms()])
-def test_card_options_are_exactly_the_constructor_keywords(name):
+def test_card_options_are_exactly_the_constructor_keyword_defaults(name):
     card = et.card(name)
     params = inspect.signature(mechanism_class(name).__init__).parameters
-    keywords = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert set(card.options) == keywords, f"{name}: card options {sorted(card.options)} vs keywords {sorted(keywords)}"
+    defaults = {p: v.default for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert card.options == defaults, f"{name}: card options {card.options} vs constructor defaults {defaults}"
+    assert set(card.test_options) <= set(card.options) and set(card.causal_test_options) <= set(card.options)
     assert card.causal or card.bidirectional
     assert card.title and card.paper and 2015 <= card.year <= 2030 and card.complexity.startswith("O(")
+
+
+# ----------------------------------------------------------------------------- defaults
+@pytest.mark.parametrize("name,causal", CASES, ids=IDS)
+def test_defaults_work(name, causal):
+    """Every mechanism at its default options (not only the suite's small ones): length 300, head dim
+    16, padding; finite outputs and gradients, padding-independent real outputs, causality."""
+    torch.manual_seed(0)
+    dim, n = 32, 300
+    layer = et.build_attention(name, dim, 2, causal)
+    x = inputs(2, n, dim=dim).requires_grad_()
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, 250:] = False
+    y = layer(x, mask)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
+    x2 = x.detach().clone()
+    x2[1, 250:] = 50.0
+    if causal:
+        x2[0, 200:] = -50.0  # the future of position 199
+    with torch.no_grad():
+        y2 = layer(x2, mask)
+    torch.testing.assert_close(y2[1, :250], y[1, :250].detach(), atol=1e-4, rtol=1e-4)
+    if causal:
+        torch.testing.assert_close(y2[0, :200], y[0, :200].detach(), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- shapes, batch independence
@@ -83,7 +113,7 @@ def test_any_length_and_batch_items_are_independent(name, causal, n):
 
 # ----------------------------------------------------------------------------- padding
 @pytest.mark.parametrize("name,causal", CASES, ids=IDS)
-@pytest.mark.parametrize("n", [9, 37])
+@pytest.mark.parametrize("n", [HEADS, DIM // HEADS, 9, 37])  # N == H and N == d catch axis guesses
 def test_real_outputs_do_not_depend_on_padded_content(name, causal, n):
     layer = build(name, causal)
     x = inputs(3, n)
@@ -96,6 +126,24 @@ def test_real_outputs_do_not_depend_on_padded_content(name, causal, n):
     torch.testing.assert_close(y[mask], y2[mask], atol=1e-4, rtol=1e-4)
     # an all-real item gives the same outputs with an all-True mask as without a mask
     torch.testing.assert_close(y[0], layer(x[0:1])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,causal", ATTEND_CASES, ids=ATTEND_IDS)
+@pytest.mark.parametrize("n", [HEADS, DIM // HEADS, 11])  # N == H and N == d catch axis guesses
+def test_attend_real_outputs_do_not_depend_on_padded_keys(name, causal, n):
+    layer = build(name, causal)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(3, HEADS, n, DIM // HEADS, generator=g) for _ in range(3))
+    mask = scattered_mask(3, n)
+    mask[1, -1] = False  # at least one padded key even when n is tiny
+    out, _ = layer.attend(q, k, v, mask)
+    k2, v2 = k.clone(), v.clone()
+    pad = ~mask[:, None, :, None].expand_as(k)
+    k2[pad], v2[pad] = 30.0, -30.0
+    out2, _ = layer.attend(q, k2, v2, mask)
+    real = mask[:, None, :, None].expand_as(out)
+    assert torch.isfinite(out2).all()
+    torch.testing.assert_close(out2[real], out[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,causal", ATTEND_CASES, ids=ATTEND_IDS)
@@ -134,8 +182,8 @@ def test_attend_equals_dense_attention_on_its_pattern(name, causal, n):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(3, HEADS, n, DIM // HEADS, generator=g, dtype=torch.float64) for _ in range(3))
     mask = scattered_mask(3, n)
-    pattern = layer.dense_mask(n)
-    assert pattern.shape == (n, n) and pattern.dtype == torch.bool
+    pattern = layer.dense_mask(n)  # (N, N), or (H, N, N) when heads attend different patterns
+    assert pattern.shape in ((n, n), (HEADS, n, n)) and pattern.dtype == torch.bool
     if causal:
         assert not torch.triu(pattern, diagonal=1).any(), "a causal pattern must not allow future keys"
     out, _ = layer.attend(q, k, v, mask)
@@ -179,17 +227,30 @@ def test_generate_greedy_equals_repeated_full_forwards(name, causal, greedy_by_f
 
 
 # ----------------------------------------------------------------------------- determinism and persistence
+def buffers(layer) -> dict:
+    return {name: b.clone() for name, b in layer.named_buffers()}
+
+
 @pytest.mark.parametrize("name,causal", CASES, ids=IDS)
 def test_same_seed_same_output_and_train_equals_eval(name, causal):
+    """Eval is pure (no buffer changes, same output twice); train equals eval unless the card says the
+    layer updates buffers in training by design (then only eval's purity is required)."""
     a, b = build(name, causal, seed=7), build(name, causal, seed=7)
     x = inputs(2, 19)
+    a.eval(), b.eval()
+    before = buffers(a)
     ya = a(x)
     assert torch.equal(ya, b(x))
+    assert torch.equal(ya, a(x)), "calling the layer in eval must not change it"
+    after = buffers(a)
+    assert all(torch.equal(before[k], after[k]) for k in before), "eval changed a buffer"
+    if et.card(name).updates_buffers_in_training:
+        return
     a.train()
     y_train = a(x)
+    assert all(torch.equal(before[k], v) for k, v in buffers(a).items()), "training changed a buffer"
     a.eval()
     assert torch.equal(y_train, a(x))
-    assert torch.equal(ya, a(x)), "calling the layer must not change it"
 
 
 @pytest.mark.parametrize("name,causal", CASES, ids=IDS)
@@ -240,6 +301,38 @@ def test_bad_input_raises_value_errors_naming_the_mechanism(name, causal):
         q = torch.randn(2, HEADS, 5, DIM // HEADS)
         raises(lambda: layer.attend(q, q, q[..., :3, :]), "share")
         raises(lambda: layer.attend(q[0], q[0], q[0]), "4-D")
+
+
+# ----------------------------------------------------------------------------- global tokens
+@pytest.mark.parametrize("name,causal", [(n, c) for n, c in CASES if not et.card(n).global_tokens],
+                         ids=[i for (n, c), i in zip(CASES, IDS) if not et.card(n).global_tokens])
+def test_a_global_mask_is_refused_by_mechanisms_without_global_tokens(name, causal):
+    layer = build(name, causal)
+    x = inputs(2, 5)
+    with pytest.raises(ValueError, match=f"{name}: this mechanism has no global tokens.*allowed: global_mask=None"):
+        layer(x, global_mask=torch.zeros(2, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name,causal", GLOBAL_CASES, ids=GLOBAL_IDS)
+def test_global_tokens_keep_padding_out_and_bad_global_masks_are_refused(name, causal):
+    layer = build(name, causal)
+    n = 37
+    x = inputs(3, n)
+    mask = scattered_mask(3, n)
+    g = torch.zeros(3, n, dtype=torch.bool)
+    g[:, 0] = True
+    g[1, -1] = True  # a padded position marked global is not global
+    y = layer(x, mask, global_mask=g)
+    x2 = x.clone()
+    x2[~mask] = 100.0
+    y2 = layer(x2, mask, global_mask=g)
+    assert torch.isfinite(y).all() and torch.isfinite(y2).all()
+    torch.testing.assert_close(y[mask], y2[mask], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y[0], layer(x[:1], mask[:1])[0]), "the global token changed nothing"
+    with pytest.raises(ValueError, match=f"{name}: global_mask must have shape"):
+        layer(x, mask, global_mask=g[:, :-1])
+    with pytest.raises(ValueError, match=f"{name}: global_mask must be a bool tensor"):
+        layer(x, mask, global_mask=g.float())
 
 
 @pytest.mark.parametrize("name", [c.name for c in et.mechanisms() if not c.causal])

@@ -4,7 +4,10 @@ Registering a mechanism is one decorator next to its class::
 
     @register(Card(name="performer", title="Performer", ...))
     class PerformerAttention(AttentionLayer):
-        ...
+        def __init__(self, dim, heads, causal=False, *, nb_features: int = 256, ...): ...
+
+The card's `options` are the constructor's keyword-only parameters with their defaults, read at
+registration, so they are written once.
 
 `mechanisms()` lists the cards in the survey's Table 1 order (vanilla first), `card(name)` returns one,
 and `build_attention(name, dim, heads, causal, **options)` builds the layer after checking every
@@ -15,6 +18,7 @@ argument against the card, so unknown names, unknown options and unsupported mod
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -57,13 +61,31 @@ DECODING_KINDS = ("kv_cache", "recurrent", "recompute", "none")
 
 @dataclass(frozen=True)
 class Card:
-    """What the survey says about a mechanism, plus the options its layer accepts.
+    """What the survey says about a mechanism, plus what its layer accepts and needs.
 
-    `options` maps every keyword option `build_attention` accepts for this mechanism to its default.
-    `decoding` says how a causal layer carries `state` between generation steps: "kv_cache" (the keys
-    and values that can still be attended), "recurrent" (running sums of constant size), "recompute"
-    (no cheaper incremental form: the history is kept and the attention recomputed) or "none"
-    (not causal). `fixed_pattern` is True when the layer exposes `dense_mask(N)`.
+    Survey facts: `name`, `title`, `paper`, `year`, `complexity`, `classes` (taxonomy codes), `causal`
+    (usable as a decoder, with generation) and `bidirectional` (usable as an encoder).
+
+    The layer's contract:
+    - `options` maps every keyword option `build_attention` accepts to its default. Written once: it
+      is derived at registration from the layer constructor's keyword-only defaults (a card that
+      spells it out must agree, or registration fails).
+    - `decoding`: how a causal layer carries `state` between generation steps: "kv_cache" (the keys
+      and values that can still be attended), "recurrent" (running sums of constant size),
+      "recompute" (no cheaper incremental form: the history is kept and the attention recomputed)
+      or "none" (not causal).
+    - `fixed_pattern`: the layer exposes `dense_mask(N)`, (N, N) or per head (H, N, N).
+    - `global_tokens`: the layer takes a per-call `global_mask` (B, N) bool of positions that attend
+      to all and are attended by all; models mark their CLS token global. Other layers refuse one.
+    - `own_positions`: the mechanism brings its own (relative) positions, so models add no absolute
+      position embedding by default.
+    - `updates_buffers_in_training`: the layer changes buffers during training by design (moving-
+      average centroids, feature redraw); the conformance suite then checks only that eval never
+      changes them, instead of "train equals eval".
+    - `test_options` (both modes) and `causal_test_options` (added when causal): options that make
+      the layer small enough for the conformance suite's tiny shapes while exercising its structure
+      (a block size of 4, 16 features). The suite also runs every mechanism at its defaults.
+    - `uses_shape` (derived: the layer has a `shape` option): models pass their 2-D data shape.
     """
 
     name: str
@@ -74,9 +96,14 @@ class Card:
     classes: tuple[str, ...]
     causal: bool
     bidirectional: bool
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] | None = None
     decoding: str = "none"
     fixed_pattern: bool = False
+    global_tokens: bool = False
+    own_positions: bool = False
+    updates_buffers_in_training: bool = False
+    test_options: dict[str, Any] = field(default_factory=dict)
+    causal_test_options: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -89,16 +116,40 @@ class Card:
             raise ValueError(f"card {self.name!r}: decoding={self.decoding!r}; allowed: {list(DECODING_KINDS)}")
         if self.causal == (self.decoding == "none"):
             raise ValueError(f"card {self.name!r}: a causal card needs a decoding kind, a non-causal one 'none'")
+        if self.causal_test_options and not self.causal:
+            raise ValueError(f"card {self.name!r}: causal_test_options on a card that is not causal")
 
     @property
     def modes(self) -> tuple[bool, ...]:
         """The values of `causal` this mechanism supports."""
         return tuple(c for c, ok in ((False, self.bidirectional), (True, self.causal)) if ok)
 
+    @property
+    def uses_shape(self) -> bool:
+        """The layer lays the sequence out on an n-D grid given by its `shape` option."""
+        return "shape" in (self.options or {})
+
+    def small_options(self, causal: bool) -> dict[str, Any]:
+        """The conformance suite's options for one mode: test_options, plus causal_test_options when causal."""
+        return {**self.test_options, **(self.causal_test_options if causal else {})}
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["classes"] = list(self.classes)
+        out["uses_shape"] = self.uses_shape
         return out
+
+
+def constructor_options(cls: type) -> dict[str, Any]:
+    """The keyword-only parameters of `cls.__init__` and their defaults (every one must have a default)."""
+    options = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise ValueError(f"{cls.__name__}: keyword option {name!r} has no default; every option needs one")
+        options[name] = p.default
+    return options
 
 
 _REGISTRY: dict[str, tuple[Card, type]] = {}
@@ -110,8 +161,16 @@ def register(card: Card) -> Callable[[type], type]:
     def decorate(cls: type) -> type:
         if card.name in _REGISTRY and _REGISTRY[card.name][1] is not cls:
             raise ValueError(f"mechanism {card.name!r} is registered twice")
-        cls.card = card
-        _REGISTRY[card.name] = (card, cls)
+        options = constructor_options(cls)
+        if card.options is not None and card.options != options:
+            raise ValueError(f"card {card.name!r}: options {card.options} differ from the constructor's {options}")
+        full = dataclasses.replace(card, options=options)
+        for label, given in (("test_options", full.test_options), ("causal_test_options", full.causal_test_options)):
+            unknown = sorted(set(given) - set(options))
+            if unknown:
+                raise ValueError(f"card {card.name!r}: {label} names unknown options {unknown}; allowed: {sorted(options)}")
+        cls.card = full
+        _REGISTRY[card.name] = (full, cls)
         return cls
 
     return decorate

@@ -30,7 +30,7 @@ def naive_synthesizer(layer, x, mask, causal):
         qkv = x @ layer.to_qkv.weight.T + layer.to_qkv.bias
         q, k, v = (qkv[..., i * DIM : (i + 1) * DIM].reshape(B, n, HEADS, D) for i in range(3))
     else:
-        v = (x @ layer.to_v.weight.T + layer.to_v.bias).reshape(B, n, HEADS, D)
+        v = (x @ layer.to_qkv.weight.T + layer.to_qkv.bias).reshape(B, n, HEADS, D)
     out = torch.zeros(B, n, HEADS, D, dtype=x.dtype)
     for b in range(B):
         for i in range(n):
@@ -100,7 +100,7 @@ def test_fixed_random_is_a_saved_buffer_and_trainable_random_a_parameter():
     x = torch.randn(2, 9, DIM, dtype=torch.float64)
     trained(x).sum().backward()
     assert trained.random_matrix.grad is not None and trained.random_matrix.grad[:, :9, :9].abs().sum() > 0
-    assert not hasattr(trained, "to_qkv"), "no dot-product term: no query/key projections"
+    assert trained.projections == "v" and trained.to_qkv.weight.shape == (DIM, DIM), "no dot-product term: no query/key projections"
 
 
 def test_decoding_cache_holds_values_only_without_a_dot_product_term(decode_in_steps):

@@ -88,7 +88,7 @@ def test_features_are_seeded_buffers_and_redraw_is_deterministic():
     first = a.omega.clone()
     a.redraw()
     b.redraw()
-    assert not torch.equal(a.omega, first) and torch.equal(a.omega, b.omega) and int(a.draws) == 1
+    assert not torch.equal(a.omega, first) and torch.equal(a.omega, b.omega) and int(a.random.draws) == 1
     c = make_map("positive", seed=6)
     c.load_state_dict(a.state_dict())
     c.redraw()

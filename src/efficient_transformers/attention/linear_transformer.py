@@ -25,6 +25,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core import AttentionLayer
+from ..core import options as opt
 from ..core.feature_maps import EluPlusOne
 from ..core.kernel_attention import KernelState, kernel_attention
 from ..registry import Card, register
@@ -38,8 +39,7 @@ def check_chunk_size(name: str, chunk_size, causal: bool) -> int | None:
     it refuses a chunk size rather than ignore it."""
     if chunk_size is None:
         return DEFAULT_CHUNK_SIZE if causal else None
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{name}: chunk_size must be a positive int (or None), got {chunk_size!r}")
+    opt.optional_positive_int(name, "chunk_size", chunk_size, none_means=f"{DEFAULT_CHUNK_SIZE} when causal")
     if not causal:
         raise ValueError(
             f"{name}: chunk_size={chunk_size} was given to a bidirectional layer, which has no chunks "
@@ -59,12 +59,11 @@ def check_chunk_size(name: str, chunk_size, causal: bool) -> int | None:
         classes=("KR",),
         causal=True,
         bidirectional=True,
-        options={"chunk_size": None},
         decoding="recurrent",
+        causal_test_options={"chunk_size": 4},
     )
 )
 class LinearTransformerAttention(AttentionLayer):
-    causal_small_options = {"chunk_size": 4}
 
     def __init__(self, dim: int, heads: int, causal: bool = False, *, chunk_size: int | None = None) -> None:
         super().__init__(dim, heads, causal)

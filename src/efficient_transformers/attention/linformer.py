@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AttentionLayer, dense_attention, zero_padded
+from ..core import AttentionLayer, dense_attention, split_heads, zero_padded
+from ..core import options as opt
 from ..registry import Card, register
 
 SHARING = ("none", "headwise", "kv")
@@ -63,13 +64,12 @@ SHARING = ("none", "headwise", "kv")
         classes=("LR",),
         causal=False,
         bidirectional=True,
-        options={"k": 256, "sharing": "headwise", "max_seq_len": 4096},
         decoding="none",
+        test_options={"k": 8, "max_seq_len": 160},
         notes="the length projection E K mixes every position, so each output would depend on future tokens",
     )
 )
 class LinformerAttention(AttentionLayer):
-    small_options = {"k": 8, "max_seq_len": 160}
 
     def __init__(
         self, dim: int, heads: int, causal: bool = False, *, k: int = 256, sharing: str = "headwise", max_seq_len: int = 4096
@@ -78,13 +78,8 @@ class LinformerAttention(AttentionLayer):
         if causal:
             raise ValueError(f"{name}: causal=True is not supported ({self.card.notes}); allowed: causal=False")
         super().__init__(dim, heads, causal, max_seq_len=max_seq_len)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"{name}: k (the projected length) must be a positive int, got {k!r}")
-        if sharing not in SHARING:
-            raise ValueError(
-                f"{name}: unknown sharing {sharing!r}; allowed: {list(SHARING)} "
-                "(layerwise: build with sharing='kv' and call share_layerwise(layers))"
-            )
+        opt.positive_int(name, "k", k, what="the projected length")
+        opt.choice(name, "sharing", sharing, SHARING, hint="layerwise: build with sharing='kv' and call share_layerwise(layers)")
         self.k, self.sharing = k, sharing
         copies = heads if sharing == "none" else 1
         self.proj_k = nn.Parameter(self._init_projection(copies, k, max_seq_len))  # (1 | H, k, max_seq_len)
@@ -95,17 +90,17 @@ class LinformerAttention(AttentionLayer):
         bound = math.sqrt(3.0 / (max_seq_len + k))
         return torch.empty(copies, k, max_seq_len).uniform_(-bound, bound)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, state: None = None, *, return_state: bool = False):
-        """x: (B, N, dim) -> (B, N, dim). With shared projections, keys and values are compressed from x
-        directly: E K = E (X W^K + b^K) = (E X) W^K + (E 1) b^K (see the module doc)."""
+    def project(self, x: Tensor, mask: Tensor | None, **extra):
+        """x (B, N, dim) -> q (B, H, N, d) and, with E shared by the heads, the compressed keys and
+        values (B, H, k, d) directly: E K = E (X W^K + b^K) = (E X) W^K + (E 1) b^K (see the module
+        doc); `_attend` is then told they are compressed. Per-head E: the default projection."""
         if self.proj_k.shape[0] > 1:  # per-head projections: E_i (X W_i^K) is the cheaper order
-            return super().forward(x, mask, state, return_state=return_state)
-        mask = self.check_input(x, mask, state)
+            return super().project(x, mask, **extra)
         B, n, _ = x.shape
         w_q, w_k, w_v = self.to_qkv.weight.chunk(3)  # (dim, dim) each
         b_q, b_k, b_v = self.to_qkv.bias.chunk(3)  # (dim,) each
         q = F.linear(x, w_q, b_q).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
-        x_real = zero_padded(x, mask)[:, None]  # (B, 1, N, dim): padding adds nothing below
+        x_real = zero_padded(x, mask, seq_dim=1)[:, None]  # (B, 1, N, dim): padding adds nothing below
         real = x.new_ones(B, n) if mask is None else mask.to(x.dtype)  # (B, N)
         proj_k, proj_v = self._projections(n, x.dtype)  # (1, k, N) each
         compressed_k = _project(proj_k, x_real).squeeze(1)  # (B, k, dim): E X
@@ -114,25 +109,23 @@ class LinformerAttention(AttentionLayer):
             compressed_v, real_v = compressed_k, real_k
         else:
             compressed_v, real_v = _project(proj_v, x_real).squeeze(1), real @ proj_v.squeeze(0).T
-        k_short = self._split_heads(compressed_k @ w_k.T + real_k[..., None] * b_k)  # (B, H, k, d)
-        v_short = self._split_heads(compressed_v @ w_v.T + real_v[..., None] * b_v)
-        out = self._attend_compressed(q, k_short, v_short, mask, proj_k, proj_v)  # (B, H, N, d)
-        y = self.to_out(self.merge_heads(out))  # (B, N, dim)
-        return (y, None) if return_state else y
-
-    def _split_heads(self, t: Tensor) -> Tensor:
-        B, k, _ = t.shape
-        return t.view(B, k, self.heads, self.head_dim).transpose(1, 2)  # (B, H, k, d)
+        k_short = split_heads(compressed_k @ w_k.T + real_k[..., None] * b_k, self.heads)  # (B, H, k, d)
+        v_short = split_heads(compressed_v @ w_v.T + real_v[..., None] * b_v, self.heads)
+        return q, k_short, v_short, {**extra, "compressed": True}
 
     def _projections(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         proj_k = _first_columns(self.proj_k, n).to(dtype)  # (1 | H, k, N)
         proj_v = proj_k if self.proj_v is None else _first_columns(self.proj_v, n).to(dtype)
         return proj_k, proj_v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: None):
-        k, v = zero_padded(k, mask), zero_padded(v, mask)  # (B, H, N, d): padding adds nothing below
-        proj_k, proj_v = self._projections(q.shape[-2], k.dtype)
-        k_short, v_short = _project(proj_k, k), _project(proj_v, v)  # (B, H, k, d)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: None, *, compressed: bool = False):
+        """q (B, H, N, d); k, v (B, H, N, d), or (B, H, k, d) already compressed by `project`."""
+        proj_k, proj_v = self._projections(q.shape[-2], q.dtype)  # (1 | H, k, N) each
+        if compressed:
+            k_short, v_short = k, v
+        else:
+            k, v = zero_padded(k, mask, seq_dim=2), zero_padded(v, mask, seq_dim=2)  # padding adds nothing below
+            k_short, v_short = _project(proj_k, k), _project(proj_v, v)  # (B, H, k, d)
         return self._attend_compressed(q, k_short, v_short, mask, proj_k, proj_v), None
 
     def _attend_compressed(self, q: Tensor, k_short: Tensor, v_short: Tensor, mask: Tensor | None,

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..core import AttentionLayer
+from ..core import options as opt
 from ..core.feature_maps import PositiveRandomFeatures, ReluRandomFeatures
 from ..core.kernel_attention import KernelState, kernel_attention
 from ..registry import Card, register
@@ -60,13 +61,13 @@ FEATURES = ("positive", "hyperbolic", "relu")
         classes=("KR",),
         causal=True,
         bidirectional=True,
-        options={"nb_features": 256, "features": "positive", "orthogonal": True, "redraw_interval": None, "chunk_size": None},
         decoding="recurrent",
+        updates_buffers_in_training=True,  # with redraw_interval set, training redraws the features
+        test_options={"nb_features": 16},
+        causal_test_options={"chunk_size": 4},
     )
 )
 class PerformerAttention(AttentionLayer):
-    small_options = {"nb_features": 16}
-    causal_small_options = {"chunk_size": 4}
 
     def __init__(
         self,
@@ -82,16 +83,10 @@ class PerformerAttention(AttentionLayer):
     ) -> None:
         super().__init__(dim, heads, causal)
         name = self.card.name
-        if not isinstance(nb_features, int) or isinstance(nb_features, bool) or nb_features < 1:
-            raise ValueError(f"{name}: nb_features must be a positive int, got {nb_features!r}")
-        if features not in FEATURES:
-            raise ValueError(f"{name}: unknown features {features!r}; allowed: {list(FEATURES)}")
-        if not isinstance(orthogonal, bool):
-            raise ValueError(f"{name}: orthogonal must be a bool, got {orthogonal!r}")
-        if redraw_interval is not None and (
-            not isinstance(redraw_interval, int) or isinstance(redraw_interval, bool) or redraw_interval < 1
-        ):
-            raise ValueError(f"{name}: redraw_interval must be None (no redraw) or a positive int, got {redraw_interval!r}")
+        opt.positive_int(name, "nb_features", nb_features)
+        opt.choice(name, "features", features, FEATURES)
+        opt.boolean(name, "orthogonal", orthogonal)
+        opt.optional_positive_int(name, "redraw_interval", redraw_interval, none_means="no redraw")
         self.chunk_size = check_chunk_size(name, chunk_size, causal)
         self.features, self.redraw_interval = features, redraw_interval
         if features == "relu":

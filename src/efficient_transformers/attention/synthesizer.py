@@ -16,7 +16,8 @@ l = `max_seq_len`: a sequence of N <= l tokens uses the first N rows and columns
 and O(N^2) memory (the N x N weights are what the model is), plus the N l d of the dense MLP.
 
 Attention here is not a function of (q, k, v) alone (it needs x, or the absolute positions), so the
-layer has no `attend` (`has_attend = False`) and overrides `forward(x, mask, state, return_state)`.
+layer has no `attend` (`has_attend = False`): its `project` hook passes x to `_attend` beside the value
+projection (and q, k when a dot-product term is mixed in).
 Causal by masking: row i keeps keys j <= i (dense rows depend on x_i only; random rows on position i
 only), so decoding carries a KV cache of the values (and of the keys when a dot-product term is
 mixed in; otherwise the cache's keys have width 0): O(N) per new token.
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import AttentionLayer, KVCache, combine_allowed, masked_softmax
+from ..core import options as opt
 from ..registry import Card, register
 
 COMPONENTS = ("dense", "random", "factorized_dense", "factorized_random", "vanilla")
@@ -72,13 +74,12 @@ def _mlp(dim: int, out: int) -> nn.Sequential:
         classes=("LR", "LP"),
         causal=True,
         bidirectional=True,
-        options={"variant": "dense", "max_seq_len": 4096, "trainable_random": True, "rank": 32},
         decoding="kv_cache",
+        test_options={"max_seq_len": 160},
     )
 )
 class SynthesizerAttention(AttentionLayer):
     has_attend = False
-    small_options = {"max_seq_len": 160}
 
     def __init__(
         self,
@@ -91,18 +92,16 @@ class SynthesizerAttention(AttentionLayer):
         trainable_random: bool = True,
         rank: int = 32,
     ) -> None:
-        super().__init__(dim, heads, causal, max_seq_len=max_seq_len)
+        components = parse_variant(variant)
+        # with a dot-product term q, k, v are projected; otherwise only the value projection G
+        super().__init__(dim, heads, causal, max_seq_len=max_seq_len,
+                         projections="qkv" if "vanilla" in components else "v")
         name = self.card.name
-        self.components = parse_variant(variant)
-        if not isinstance(trainable_random, bool):
-            raise ValueError(f"{name}: trainable_random must be a bool, got {trainable_random!r}")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"{name}: rank (of the factorized random matrix) must be a positive int, got {rank!r}")
+        self.components = components
+        opt.boolean(name, "trainable_random", trainable_random)
+        opt.positive_int(name, "rank", rank, what="of the factorized random matrix")
         self.variant, self.trainable_random, self.rank = variant, trainable_random, rank
         H, length = heads, max_seq_len
-        if "vanilla" not in self.components:  # no dot-product term: only the value projection G
-            del self.to_qkv
-            self.to_v = nn.Linear(dim, dim)
         if "dense" in self.components:
             self.dense = _mlp(dim, H * length)
         if "factorized_dense" in self.components:
@@ -125,16 +124,16 @@ class SynthesizerAttention(AttentionLayer):
             self.register_buffer(attr, value)  # fixed random: saved with the weights, never trained
 
     # ------------------------------------------------------------------ the layer
-    def forward(self, x: Tensor, mask: Tensor | None = None, state: KVCache | None = None, *, return_state: bool = False):
-        """x: (B, N, dim) -> (B, N, dim); causal layers continue from / return a KV cache."""
-        mask = self.check_input(x, mask, state)
-        B, n, _ = x.shape
-        if "vanilla" in self.components:
-            q, k, v = self.project_qkv(x)  # 3 x (B, H, N, d)
-        else:
-            q = None
-            v = self.to_v(x).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+    def project(self, x: Tensor, mask: Tensor | None, **extra):
+        """The default projections (q, k, v, or v alone), and x itself: the synthesized weights need it."""
+        q, k, v, extra = super().project(x, mask, **extra)
+        if k is None:
             k = v[..., :0]  # (B, H, N, 0): the cache keeps no keys
+        return q, k, v, {**extra, "x": x}
+
+    def _attend(self, q: Tensor | None, k: Tensor, v: Tensor, mask: Tensor | None, state: KVCache | None, *, x: Tensor):
+        """softmax(S) V for the new tokens x (B, N, dim); causal layers continue from / return a KV cache."""
+        n = x.shape[1]
         new_state = KVCache.extend(state, k, v, mask) if self.causal else None
         keys, values, key_mask = (k, v, mask) if new_state is None else (new_state.k, new_state.v, new_state.key_mask)
         offset = keys.shape[-2] - n  # absolute position of the first query
@@ -142,8 +141,7 @@ class SynthesizerAttention(AttentionLayer):
         allowed = combine_allowed(key_mask, self.causal, n, keys.shape[-2], query_offset=offset, device=x.device)
         weights = masked_softmax(logits, allowed)  # (B | 1, H, N, N_keys)
         out = (weights @ values.to(weights.dtype)).to(x.dtype)  # (B, H, N, d)
-        y = self.to_out(self.merge_heads(out))  # (B, N, dim)
-        return (y, new_state) if return_state else y
+        return out, new_state
 
     def synthesized_logits(self, x: Tensor, q: Tensor | None, keys: Tensor, offset: int) -> Tensor:
         """S for queries at positions offset .. offset + N - 1 over keys 0 .. N_keys - 1, in float32

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..core import AttentionLayer, KVCache, causal_allowed, dense_attention
+from ..core import options as opt
 from ..core.dense import BACKENDS
 from ..registry import Card, register
 
@@ -27,7 +28,6 @@ from ..registry import Card, register
         classes=("Dense",),
         causal=True,
         bidirectional=True,
-        options={"backend": "auto"},
         decoding="kv_cache",
         fixed_pattern=True,
     )
@@ -35,9 +35,7 @@ from ..registry import Card, register
 class VanillaAttention(AttentionLayer):
     def __init__(self, dim: int, heads: int, causal: bool = False, *, backend: str = "auto") -> None:
         super().__init__(dim, heads, causal)
-        if backend not in BACKENDS:
-            raise ValueError(f"vanilla: unknown backend {backend!r}; allowed: {list(BACKENDS)}")
-        self.backend = backend
+        self.backend = opt.choice(self.card.name, "backend", backend, BACKENDS)
 
     def dense_mask(self, n: int) -> Tensor:
         """(N, N) bool: every pair (the causal triangle when causal)."""

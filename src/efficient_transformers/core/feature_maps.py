@@ -20,8 +20,8 @@ largest feature for FAVOR+, absolute for ReLU); it keeps each normaliser at leas
 query's largest feature, so neither the output nor its gradient can divide by an underflowed sum.
 
 Random features are buffers (saved with the weights). `gaussian_random_matrix` draws them from an
-explicit `torch.Generator`, so a layer built after `torch.manual_seed(s)` is reproducible and a
-redraw (Performer's option) is an explicit, seeded event.
+explicit `torch.Generator` given by `core.randomness.SeededDraws`, so a layer built after
+`torch.manual_seed(s)` is reproducible and a redraw (Performer's option) is an explicit, seeded event.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .randomness import SeededDraws
 
 
 def gaussian_random_matrix(
@@ -125,29 +127,28 @@ class Identity(FeatureMap):
 
 
 class RandomFeatures(FeatureMap):
-    """Random projections omega (m, d), a buffer, drawn from a seed that is itself a buffer.
+    """Random projections omega (m, d), a buffer, drawn from the layer's seeded randomness.
 
-    Draw number r uses the generator seeded with `seed + r`; `redraw()` takes the next draw. Both the
-    seed and the draw count travel with the state dict, so a saved layer reloads with its features.
+    Draw r comes from `core.randomness.SeededDraws`: its seed and draw count are buffers
+    (`random.seed`, `random.draws`), so a saved layer reloads with its features; `redraw()` takes the
+    next draw.
     """
 
     def __init__(self, head_dim: int, nb_features: int, *, orthogonal: bool) -> None:
         super().__init__(head_dim)
         self.nb_features, self.orthogonal = nb_features, orthogonal
-        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG: torch.manual_seed controls it
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
-        self.register_buffer("draws", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer("omega", self._draw(0))  # (m, d)
+        self.random = SeededDraws()
+        self.register_buffer("omega", self._draw())  # (m, d)
 
-    def _draw(self, index: int) -> Tensor:
-        generator = torch.Generator().manual_seed(int(self.seed) + index)
-        return gaussian_random_matrix(self.nb_features, self.head_dim, orthogonal=self.orthogonal, generator=generator)
+    def _draw(self) -> Tensor:
+        return gaussian_random_matrix(self.nb_features, self.head_dim, orthogonal=self.orthogonal,
+                                      generator=self.random.generator())
 
     @torch.no_grad()
     def redraw(self) -> None:
         """Replace omega by the next seeded draw (in place, keeping its dtype and device)."""
-        self.draws += 1
-        self.omega.copy_(self._draw(int(self.draws)))
+        self.random.redraw()
+        self.omega.copy_(self._draw())
 
     def project(self, x: Tensor) -> Tensor:
         """x' omega^T with x' = x d^(-1/4), so that exp(q' . k') = exp(q . k / sqrt(d))."""

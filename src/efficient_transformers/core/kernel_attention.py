@@ -71,6 +71,7 @@ from torch.autograd.function import once_differentiable
 
 from .blocking import pad_mask_to_multiple, pad_to_multiple, split_blocks
 from .feature_maps import FeatureMap, Identity
+from .heads import heads_last
 
 NEG_INF = float("-inf")
 
@@ -134,14 +135,6 @@ def kernel_attention(
 def _decay(log_from: Tensor, log_to: Tensor) -> Tensor:
     """exp(log_from - log_to) for log_from <= log_to, with -inf meaning 'nothing yet' (-> 0, not NaN)."""
     return torch.exp(log_from - log_to.nan_to_num(neginf=0.0))
-
-
-def _heads_last(like: Tensor, n: int | None = None) -> Tensor:
-    """An uninitialised (B, H, n, d) tensor like `like` (n defaults to its length), stored as (B, n, H, d):
-    the layer's head merge of an output is then a view, and so is the (B N, H d) operand that the q/k/v
-    projection's backward pass reads from a gradient."""
-    B, H, length, d = like.shape
-    return like.new_empty(B, length if n is None else n, H, d).transpose(1, 2)
 
 
 def _spans(n: int, segment_size: int) -> list[tuple[int, int]]:
@@ -292,7 +285,7 @@ class _BidirectionalKernelAttention(torch.autograd.Function):
             new_ref = torch.maximum(log_ref, segment_ref)  # (B, H)
             kv = kv * _decay(log_ref, new_ref)[..., None, None] + summary * _decay(segment_ref, new_ref)[..., None, None]
             log_ref = new_ref
-        out, normaliser = _heads_last(v, n), v.new_empty(B, H, n)
+        out, normaliser = heads_last(v, n), v.new_empty(B, H, n)
         for s, e in spans:
             out1 = _query_features(feature_map, q[..., s:e, :], graph=False).phi @ kv  # (B, H, n_s, d + 1)
             _normalise(out1, out[..., s:e, :], normaliser[..., s:e])
@@ -306,7 +299,7 @@ class _BidirectionalKernelAttention(torch.autograd.Function):
         q, k, v, key_mask, kv, log_ref, out, normaliser = ctx.saved_tensors
         feature_map = ctx.feature_map
         spans = _spans(q.shape[-2], ctx.segment_size)
-        grad_q, grad_k, grad_v = _heads_last(q), _heads_last(k), _heads_last(v)  # see `_heads_last`
+        grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         grad_kv = torch.zeros_like(kv)  # (B, H, m, d + 1)
         for s, e in spans:
             queries = _query_features(feature_map, q[..., s:e, :], graph=True)
@@ -331,7 +324,7 @@ class _CausalKernelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size):
         B, H, n, d = v.shape
         spans = _spans(n, segment_size)
-        out, normaliser = _heads_last(v, n), v.new_empty(B, H, n)
+        out, normaliser = heads_last(v, n), v.new_empty(B, H, n)
         entry_kv = kv_in.new_empty((len(spans),) + kv_in.shape)  # the state entering each segment
         entry_ref = ref_in.new_empty((len(spans),) + ref_in.shape)
         kv, ref = kv_in, ref_in
@@ -351,7 +344,7 @@ class _CausalKernelAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_kv_out, _grad_ref):
         q, k, v, key_mask, entry_kv, entry_ref, out, normaliser = ctx.saved_tensors
         spans = _spans(q.shape[-2], ctx.segment_size)
-        grad_q, grad_k, grad_v = _heads_last(q), _heads_last(k), _heads_last(v)  # see `_heads_last`
+        grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         grad_kv = torch.zeros_like(entry_kv[0]) if grad_kv_out is None else grad_kv_out
         for i, (s, e) in reversed(list(enumerate(spans))):
             grad_q[..., s:e, :], grad_k[..., s:e, :], grad_v[..., s:e, :], grad_kv = _causal_segment(

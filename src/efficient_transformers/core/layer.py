@@ -1,14 +1,31 @@
-"""The attention layer every mechanism derives from.
+"""The attention layer every mechanism derives from: one template, hooks where mechanisms differ.
 
 Two layers, so each mechanism file reads like its paper's algorithm box:
 
-- the **core**, `attend(q, k, v, mask=None, state=None) -> (out, state)` on per-head tensors
-  (B, H, N, d); a mechanism implements `_attend` with the same signature, after the base class has
-  validated shapes, dtypes and masks;
-- the **layer**, `forward(x, mask=None)`: the q/k/v projections, the head split, the core and the
-  output projection. Mechanisms with their own parameters (Linformer's E/F, Performer's features)
-  keep them on the layer; mechanisms whose attention is not a function of q, k, v (Synthesizer,
-  Set Transformer) override `forward` instead and say so.
+- the **core**, `attend(q, k, v, mask=None, state=None, *, global_mask=None) -> (out, state)` on
+  per-head tensors (B, H, N, d); a mechanism implements `_attend(q, k, v, mask, state, **extra)`,
+  called after the base class has validated shapes, dtypes, masks and state;
+- the **layer**, `forward(x, mask=None, state=None, *, global_mask=None, return_state=False)`, one
+  template for every mechanism:
+
+      mask, extra = check_input(x, mask, state, global_mask)      validation, once for all
+      q, k, v, extra = project(x, mask, **extra)                   hook: the input projections
+      out, state = _attend(q, k, v, mask, state, **extra)          the mechanism's core
+      y = output(out)                                              hook: head merge + W_O
+
+  `project` defaults to the fused projection chosen by the constructor's `projections` argument:
+  "qkv" (q, k, v from one (3 dim, dim) product), "shared_qk" (Reformer: one qk and v, q = k), "v"
+  (values only, q = k = None: Synthesizer) or "none" (no input projection: Set Transformer's
+  inducing points; the mechanism brings its own). A mechanism with projections of its own
+  (Linformer's length projections applied to x) overrides `project`; one with extra inputs for its
+  core (Longformer's global projections) adds them to `extra`. Nobody copies `forward`.
+
+Extra inputs: `global_mask` (B, N) bool marks global positions (attend to all, attended by all); only
+mechanisms whose card has `global_tokens` take it (others raise ValueError), and padded positions
+are never global (the base class ANDs it with `mask`). It reaches `_attend` as the keyword
+`global_mask` only when given.
+
+Extra outputs: `report_aux_loss(name, value, weight)` (see `core.aux_losses`).
 
 Conventions: `mask` is (B, N) bool with True = real token; `causal` is fixed at construction; a
 causal layer returns its decoding state from every call (`forward(..., return_state=True)`), and
@@ -21,58 +38,88 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ..registry import Card
+from . import options as opt
+from .aux_losses import ReportsAuxLosses
+from .heads import merge_heads
+from .projection import project_heads
 from .state import History
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: the constructor's `projections`: name -> number of dim-wide slots of the fused input projection
+PROJECTIONS = {"qkv": 3, "shared_qk": 2, "v": 1, "none": 0}
 
-class AttentionLayer(nn.Module):
+
+class AttentionLayer(ReportsAuxLosses, nn.Module):
     card: ClassVar[Card]
     #: True when the layer's attention is a function of (q, k, v) alone, i.e. `attend` is meaningful.
     has_attend: ClassVar[bool] = True
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, *, max_seq_len: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False, *, max_seq_len: int | None = None,
+                 projections: str = "qkv") -> None:
         super().__init__()
         name = self.card.name
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-            raise ValueError(f"{name}: dim must be a positive int, got {dim!r}")
-        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
-            raise ValueError(f"{name}: heads must be a positive int, got {heads!r}")
+        opt.positive_int(name, "dim", dim)
+        opt.positive_int(name, "heads", heads)
         if dim % heads:
             divisors = [h for h in range(1, dim + 1) if dim % h == 0 and h <= 64]
             raise ValueError(f"{name}: heads={heads} does not divide dim={dim}; allowed heads: {divisors}")
-        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len <= 0):
-            raise ValueError(f"{name}: max_seq_len must be a positive int, got {max_seq_len!r}")
+        if max_seq_len is not None:
+            opt.positive_int(name, "max_seq_len", max_seq_len)
+        opt.choice(name, "projections", projections, PROJECTIONS)
         self.dim, self.heads, self.head_dim, self.causal = dim, heads, dim // heads, causal
         self.max_seq_len = max_seq_len
-        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.projections = projections
+        slots = PROJECTIONS[projections]
+        self.to_qkv = nn.Linear(dim, slots * dim) if slots else None
         self.to_out = nn.Linear(dim, dim)
+        self._init_aux_losses()
 
     # ------------------------------------------------------------------ the layer
-    def forward(self, x: Tensor, mask: Tensor | None = None, state: Any = None, *, return_state: bool = False):
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: Any = None, *,
+                global_mask: Tensor | None = None, return_state: bool = False):
         """x: (B, N, dim) -> (B, N, dim); with `return_state`, also the decoding state after x."""
-        mask = self.check_input(x, mask, state)
-        q, k, v = self.project_qkv(x)  # 3 x (B, H, N, d)
-        out, new_state = self._attend(q, k, v, mask, state)  # (B, H, N, d)
-        y = self.to_out(self.merge_heads(out))  # (B, N, dim)
+        mask, extra = self.check_input(x, mask, state, global_mask)
+        self._start_forward_aux()
+        q, k, v, extra = self.project(x, mask, **extra)  # 3 x (B, H, N, d) (None where unused)
+        out, new_state = self._attend(q, k, v, mask, state, **extra)  # (B, H, N, d)
+        y = self.output(out)  # (B, N, dim)
         return (y, new_state) if return_state else y
 
+    def project(self, x: Tensor, mask: Tensor | None, **extra: Any):
+        """Hook: x (B, N, dim) -> (q, k, v, extra), per-head tensors (B, H, N, d) from the fused
+        projection (`projections` of the constructor), and the keyword inputs of `_attend`."""
+        if self.to_qkv is None:
+            return None, None, None, extra
+        slots = project_heads(x, self.to_qkv.weight, self.to_qkv.bias, self.heads)
+        if self.projections == "qkv":
+            q, k, v = slots
+        elif self.projections == "shared_qk":
+            qk, v = slots
+            q = k = qk
+        else:
+            q, k, (v,) = None, None, slots
+        return q, k, v, extra
+
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, dim) -> q, k, v (B, H, N, d): views of one (B, N, 3, H, d) product (see `_QKVProjection`)."""
-        return _QKVProjection.apply(x, self.to_qkv.weight, self.to_qkv.bias, self.heads)
+        """x (B, N, dim) -> q, k, v (B, H, N, d): the default projection alone (tests, references)."""
+        q, k, v, _ = AttentionLayer.project(self, x, None)
+        return q, k, v
+
+    def output(self, out: Tensor) -> Tensor:
+        """Hook: per-head outputs (B, H, N, d) -> (B, N, dim): head merge, then W_O."""
+        return self.to_out(merge_heads(out))
 
     @staticmethod
     def merge_heads(out: Tensor) -> Tensor:
-        B, H, N, d = out.shape
-        return out.transpose(1, 2).reshape(B, N, H * d)  # (B, N, H*d)
+        return merge_heads(out)
 
     # ------------------------------------------------------------------ the core
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, state: Any = None):
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, state: Any = None, *,
+               global_mask: Tensor | None = None):
         """The mechanism on per-head tensors (B, H, N, d) without projections -> (out, state)."""
         name = self.card.name
         if not self.has_attend:
@@ -95,9 +142,11 @@ class AttentionLayer(nn.Module):
             raise ValueError(f"{name}: sequence length must be >= 1, got {q.shape[-2]}")
         mask = self._check_mask(mask, q.shape[0], q.shape[-2], q.device)
         self._check_state(state, q.shape[-2])
-        return self._attend(q, k, v, mask, state)
+        extra = self._check_global_mask(global_mask, mask, q.shape[0], q.shape[-2], q.device)
+        self._start_forward_aux()
+        return self._attend(q, k, v, mask, state, **extra)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: Any):
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: Any, **extra: Any):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ decoding fallback
@@ -114,7 +163,9 @@ class AttentionLayer(nn.Module):
         return out[..., -q.shape[-2]:, :], history
 
     # ------------------------------------------------------------------ validation
-    def check_input(self, x: Tensor, mask: Tensor | None, state: Any = None) -> Tensor | None:
+    def check_input(self, x: Tensor, mask: Tensor | None, state: Any = None,
+                    global_mask: Tensor | None = None) -> tuple[Tensor | None, dict[str, Any]]:
+        """Validate the layer's inputs -> (mask on x's device, the extra keyword inputs of `_attend`)."""
         name = self.card.name
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise ValueError(f"{name}: x must be a 3-D tensor (B, N, dim={self.dim}), got {_describe(x)}")
@@ -125,7 +176,27 @@ class AttentionLayer(nn.Module):
         if x.shape[1] < 1:
             raise ValueError(f"{name}: sequence length must be >= 1, got {x.shape[1]}")
         self._check_state(state, x.shape[1])
-        return self._check_mask(mask, x.shape[0], x.shape[1], x.device)
+        mask = self._check_mask(mask, x.shape[0], x.shape[1], x.device)
+        return mask, self._check_global_mask(global_mask, mask, x.shape[0], x.shape[1], x.device)
+
+    def _check_global_mask(self, global_mask: Tensor | None, mask: Tensor | None, batch: int, n: int,
+                           device) -> dict[str, Any]:
+        if global_mask is None:
+            return {}
+        name = self.card.name
+        if not self.card.global_tokens:
+            from ..registry import mechanisms  # late: the registry lists what is registered
+
+            takers = [c.name for c in mechanisms() if c.global_tokens]
+            raise ValueError(f"{name}: this mechanism has no global tokens, got a global_mask; allowed: "
+                             f"global_mask=None (mechanisms that take one: {takers or 'none registered'})")
+        if not isinstance(global_mask, Tensor) or global_mask.dtype != torch.bool:
+            got = global_mask.dtype if isinstance(global_mask, Tensor) else _describe(global_mask)
+            raise ValueError(f"{name}: global_mask must be a bool tensor (B, N) (True = global), got {got}")
+        if tuple(global_mask.shape) != (batch, n):
+            raise ValueError(f"{name}: global_mask must have shape (B, N) = ({batch}, {n}), got {tuple(global_mask.shape)}")
+        global_mask = global_mask.to(device)
+        return {"global_mask": global_mask if mask is None else global_mask & mask}
 
     def _check_state(self, state: Any, n_new: int) -> None:
         name = self.card.name
@@ -152,60 +223,6 @@ class AttentionLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.card.name}, dim={self.dim}, heads={self.heads}, causal={self.causal}"
-
-
-class _QKVProjection(torch.autograd.Function):
-    """q, k, v = split_heads(x W^T + b), with a backward pass of three per-slot products that read each
-    head-split gradient where it lies.
-
-    Autograd's own graph for view / permute / unbind stacks the three gradients into one
-    (B, N, 3, dim) buffer before the two weight products: two passes over 3 N dim numbers and a fresh
-    buffer, which at long N cost a tenth of a linear-time layer's step. Here a gradient stored heads-last
-    ((B, N, H, d) memory, as SDPA and kernel attention write them) is already the (B N, dim) operand of
-    its slot's products and is not copied at all; another layout is copied once. Values and gradients
-    are those of `nn.Linear` followed by the head split (tested); double backward is not supported.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, heads: int):
-        B, N, dim = x.shape
-        qkv = F.linear(x, weight, bias).view(B, N, 3, heads, dim // heads)  # (B, N, 3, H, d)
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = bias.dtype
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, d), views
-        return q, k, v
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_q, grad_k, grad_v):
-        x, _ = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):  # the products in the weight's dtype, with out=
-            return _QKVProjection._backward(ctx, grad_q, grad_k, grad_v)
-
-    @staticmethod
-    def _backward(ctx, grad_q, grad_k, grad_v):
-        x, weight = ctx.saved_tensors
-        B, N, dim = x.shape
-        rows = x.reshape(B * N, dim).to(weight.dtype)  # (B N, dim)
-        grad_x = None
-        grad_weight = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None  # (3 dim, dim)
-        grad_bias = weight.new_zeros(3 * dim) if ctx.needs_input_grad[2] else None
-        for slot, g in enumerate((grad_q, grad_k, grad_v)):
-            if g is None:
-                continue
-            g = g.to(weight.dtype).transpose(1, 2).reshape(B * N, dim)  # (B N, H d): a view when heads-last
-            w = weight[slot * dim:(slot + 1) * dim]  # (dim, dim): this slot's rows
-            if ctx.needs_input_grad[0]:  # accumulated with out= rather than addmm_, which FlopCounterMode misses
-                grad_x = g @ w if grad_x is None else torch.addmm(grad_x, g, w, out=grad_x)  # (B N, dim)
-            if grad_weight is not None:
-                torch.mm(g.t(), rows, out=grad_weight[slot * dim:(slot + 1) * dim])
-            if grad_bias is not None:
-                torch.sum(g, 0, out=grad_bias[slot * dim:(slot + 1) * dim])
-        if grad_x is not None:
-            grad_x = grad_x.view(B, N, dim).to(x.dtype)
-        elif ctx.needs_input_grad[0]:
-            grad_x = torch.zeros_like(x)
-        return grad_x, grad_weight, None if grad_bias is None else grad_bias.to(ctx.bias_dtype), None
 
 
 def _describe(t: Any) -> str:

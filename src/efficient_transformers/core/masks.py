@@ -28,14 +28,18 @@ def combine_allowed(
     pattern: Tensor | None = None,
     device=None,
 ) -> Tensor | None:
-    """The allowed-pairs mask (B or 1, 1, Nq, Nk) from a key padding mask, causality and a fixed pattern.
+    """The allowed-pairs mask (B or 1, 1 or H, Nq, Nk) from a key padding mask, causality and a fixed
+    pattern, (Nq, Nk) shared by the heads or (H, Nq, Nk) per head.
 
     Only for dense computations (vanilla attention and the slow references). Returns None when nothing
     is masked.
     """
     allowed = None
     if pattern is not None:
-        allowed = pattern.to(device=device, dtype=torch.bool)[None, None]  # (1, 1, Nq, Nk)
+        if pattern.dim() not in (2, 3):
+            raise ValueError(f"a pattern must be (Nq, Nk) or (H, Nq, Nk), got shape {tuple(pattern.shape)}")
+        pattern = pattern.to(device=device, dtype=torch.bool)
+        allowed = pattern[None, None] if pattern.dim() == 2 else pattern[None]  # (1, 1 | H, Nq, Nk)
     if causal:
         c = causal_allowed(num_queries, num_keys, query_offset=query_offset, device=device)[None, None]
         allowed = c if allowed is None else allowed & c
@@ -55,12 +59,17 @@ def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
     return torch.softmax(scores, dim=-1) * row_has_key
 
 
-def zero_padded(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Zero positions where `mask` (B, N) is False. x is (B, N, ...) or (B, H, N, ...)."""
+def zero_padded(x: Tensor, mask: Tensor | None, *, seq_dim: int) -> Tensor:
+    """Zero the positions where `mask` (B, N) is False; `seq_dim` is x's sequence axis (x is (B, ...)).
+
+    The axis is always given, never guessed from the sizes: (B, N, dim) inputs use seq_dim=1, per-head
+    (B, H, N, d) tensors seq_dim=2 (a guess goes wrong when H or d equals N).
+    """
     if mask is None:
         return x
-    if x.dim() >= 4 and x.shape[2] == mask.shape[1] and x.shape[1] != mask.shape[1]:
-        m = mask[:, None, :, None]  # (B, 1, N, 1)
-    else:
-        m = mask.reshape(mask.shape + (1,) * (x.dim() - 2))
-    return x * m.to(x.dtype)
+    seq_dim = seq_dim % x.dim()
+    if seq_dim == 0 or x.shape[0] != mask.shape[0] or x.shape[seq_dim] != mask.shape[1]:
+        raise ValueError(f"zero_padded: mask {tuple(mask.shape)} does not match axis {seq_dim} of x {tuple(x.shape)}")
+    shape = [1] * x.dim()
+    shape[0], shape[seq_dim] = mask.shape
+    return x * mask.reshape(shape).to(x.dtype)

@@ -27,7 +27,7 @@ def reference_attention(
     scale: float | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """softmax(q k^T * scale) v restricted to `pattern` (Nq, Nk), `key_mask` (B, Nk) and causality.
+    """softmax(q k^T * scale) v restricted to `pattern` ((Nq, Nk) or per head (H, Nq, Nk)), `key_mask` (B, Nk) and causality.
 
     q: (B, H, Nq, d), k: (B, H, Nk, d), v: (B, H, Nk, dv). Rows with no allowed key give zeros.
     Returns (B, H, Nq, dv) in `dtype`.

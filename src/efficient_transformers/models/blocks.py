@@ -21,12 +21,35 @@ from ..registry import build_attention, card
 NORM_KINDS = ("pre", "post")
 
 
-def attention_options_for(name: str, options: dict[str, Any] | None, max_seq_len: int) -> dict[str, Any]:
-    """The user's options plus the model's max_seq_len for mechanisms that need a maximum length."""
+def attention_options_for(name: str, options: dict[str, Any] | None, max_seq_len: int,
+                          data_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The user's options plus what the model knows: its max_seq_len for mechanisms that need a maximum
+    length, and its data shape (an image's (H, W)) for mechanisms that lay the sequence out on a grid
+    (card `uses_shape`). Options the user gives win."""
     options = dict(options or {})
-    if "max_seq_len" in card(name).options and "max_seq_len" not in options:
+    the_card = card(name)
+    if "max_seq_len" in the_card.options and "max_seq_len" not in options:
         options["max_seq_len"] = max_seq_len
+    if data_shape is not None and the_card.uses_shape and "shape" not in options:
+        options["shape"] = tuple(data_shape)
     return options
+
+
+def resolve_positional(attention: str, positional: str | None) -> str:
+    """None (the models' default) -> "none" for mechanisms with their own positions (card
+    `own_positions`: relative encodings), "sinusoidal" for the others; an explicit kind is kept."""
+    if positional is not None:
+        return positional
+    return "none" if card(attention).own_positions else "sinusoidal"
+
+
+def check_data_shape(data_shape: Any) -> tuple[int, ...] | None:
+    if data_shape is None:
+        return None
+    if (not isinstance(data_shape, (tuple, list)) or len(data_shape) < 1
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in data_shape)):
+        raise ValueError(f"data_shape must be None or a tuple of positive ints such as (32, 32), got {data_shape!r}")
+    return tuple(data_shape)
 
 
 class FeedForward(nn.Module):
@@ -64,20 +87,27 @@ class TransformerBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, state: Any = None, return_state: bool = False):
+    def forward(self, x: Tensor, mask: Tensor | None = None, state: Any = None, return_state: bool = False,
+                global_mask: Tensor | None = None):
         if self.norm_kind == "pre":
-            a, new_state = self.attn(self.norm1(x), mask, state, return_state=True)
+            a, new_state = self.attn(self.norm1(x), mask, state, global_mask=global_mask, return_state=True)
             x = x + self.drop(a)
             x = x + self.drop(self.ff(self.norm2(x)))
         else:
-            a, new_state = self.attn(x, mask, state, return_state=True)
+            a, new_state = self.attn(x, mask, state, global_mask=global_mask, return_state=True)
             x = self.norm1(x + self.drop(a))
             x = self.norm2(x + self.drop(self.ff(x)))
         return (x, new_state) if return_state else x
 
 
 class TransformerStack(nn.Module):
-    """`depth` blocks; the encoder both models share. Pre-norm stacks end with a final LayerNorm."""
+    """`depth` blocks; the encoder both models share. Pre-norm stacks end with a final LayerNorm.
+
+    `global_mask` (B, N) bool reaches every layer (mechanisms with global tokens only). The models
+    that own a stack reset its layers' auxiliary losses at the start of their forward
+    (`reset_aux_losses`), so `collect_aux_losses(model)` after a forward gives that forward's
+    losses, summed over layers and calls (see `core.aux_losses`).
+    """
 
     def __init__(
         self,
@@ -93,11 +123,12 @@ class TransformerStack(nn.Module):
         dropout: float = 0.0,
         max_seq_len: int = 4096,
         activation: str = "gelu",
+        data_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
-        options = attention_options_for(attention, attention_options, max_seq_len)
+        options = attention_options_for(attention, attention_options, max_seq_len, check_data_shape(data_shape))
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 dim, heads, attention=attention, attention_options=options, causal=causal,
@@ -107,10 +138,12 @@ class TransformerStack(nn.Module):
         )
         self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, states: list | None = None, return_states: bool = False):
+    def forward(self, x: Tensor, mask: Tensor | None = None, states: list | None = None, return_states: bool = False,
+                global_mask: Tensor | None = None):
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, mask, None if states is None else states[i], return_state=True)  # (B, N, dim)
+            x, s = block(x, mask, None if states is None else states[i], return_state=True,
+                         global_mask=global_mask)  # (B, N, dim)
             new_states.append(s)
         x = self.final_norm(x)
         return (x, new_states) if return_states else x

@@ -5,6 +5,10 @@
 `generate` prefills the prompt once and then feeds one token at a time with each layer's decoding
 state (a KV cache for dense and pattern mechanisms, running sums for kernel mechanisms), so a new
 token costs what the mechanism's incremental form costs, not a recompute of the whole prefix.
+
+`positional=None` (default): sinusoidal absolute positions, or none for mechanisms with their own
+(card `own_positions`). `data_shape=(H, W)`: the grid of an image modelled in raster order, passed
+as the `shape` option to mechanisms that use one (card `uses_shape`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import card, mechanisms
-from .blocks import TransformerStack, check_tokens
+from ..core.aux_losses import AuxLoss, collect_aux_losses, reset_aux_losses
+from .blocks import TransformerStack, check_tokens, resolve_positional
 from .embedding import Embedder
 
 
@@ -31,10 +36,11 @@ class TransformerLM(nn.Module):
         attention_options: dict[str, Any] | None = None,
         max_seq_len: int = 4096,
         norm: str = "pre",
-        positional: str = "sinusoidal",
+        positional: str | None = None,
         ff_mult: int = 4,
         dropout: float = 0.0,
         tie_embeddings: bool = True,
+        data_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if not card(attention).causal:
@@ -43,27 +49,34 @@ class TransformerLM(nn.Module):
                 f"allowed: {[c.name for c in mechanisms() if c.causal]}"
             )
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        positional = resolve_positional(attention, positional)
         self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len, dropout=dropout)
         self.stack = TransformerStack(
             dim, depth, heads, attention=attention, attention_options=attention_options, causal=True,
-            norm=norm, ff_mult=ff_mult, dropout=dropout, max_seq_len=max_seq_len,
+            norm=norm, ff_mult=ff_mult, dropout=dropout, max_seq_len=max_seq_len, data_shape=data_shape,
         )
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.tokens.weight
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """tokens (B, N) long -> logits (B, N, vocab_size)."""
+        """tokens (B, N) long -> logits (B, N, vocab_size). After a forward, `aux_losses()` gives the
+        attention layers' auxiliary losses (see `core.aux_losses`)."""
         check_tokens(tokens, self.vocab_size)
         self._check_length(tokens.shape[1])
+        reset_aux_losses(self)
         x = self.embed(tokens)  # (B, N, dim)
         return self.head(self.stack(x, mask))  # (B, N, V)
+
+    def aux_losses(self) -> dict[str, AuxLoss]:
+        return collect_aux_losses(self)
 
     def _check_length(self, n: int) -> None:
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds the model's max_seq_len={self.max_seq_len}")
 
     def _step(self, tokens: Tensor, states: list | None, offset: int) -> tuple[Tensor, list]:
+        reset_aux_losses(self)
         x = self.embed(tokens, offset)  # (B, n, dim)
         h, states = self.stack(x, None, states, return_states=True)  # (B, n, dim)
         return self.head(h[:, -1]), states  # (B, V)

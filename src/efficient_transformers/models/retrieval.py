@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.aux_losses import AuxLoss, collect_aux_losses, reset_aux_losses
 from .classifier import TransformerEncoder, classification_head
 
 
 class RetrievalModel(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 128, depth: int = 4, heads: int = 4, *,
                  attention: str = "vanilla", attention_options: dict[str, Any] | None = None,
-                 pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str = "sinusoidal",
+                 pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str | None = None,
                  ff_mult: int = 4, dropout: float = 0.0, mlp_dim: int | None = None, num_classes: int = 2) -> None:
         super().__init__()
         self.encoder = TransformerEncoder(
@@ -44,6 +45,7 @@ class RetrievalModel(nn.Module):
             raise ValueError("give masks for both documents or for neither (mask and mask2)")
         if tokens.dim() == 2 and tokens2.dim() == 2 and tokens.shape[0] != tokens2.shape[0]:
             raise ValueError(f"the two documents need the same batch size, got {tokens.shape[0]} and {tokens2.shape[0]}")
+        reset_aux_losses(self)  # the layers' auxiliary losses now add up over the two documents
         if tokens.shape == tokens2.shape:
             both_mask = None if mask is None else torch.cat([mask, mask2])  # (2B, N)
             both = self.encoder(torch.cat([tokens, tokens2]), both_mask)  # (2B, dim)
@@ -53,6 +55,10 @@ class RetrievalModel(nn.Module):
     def forward(self, tokens: Tensor, tokens2: Tensor, mask: Tensor | None = None,
                 mask2: Tensor | None = None) -> Tensor:
         """tokens (B, N), tokens2 (B, M) long, masks bool True = real -> logits (B, num_classes)."""
-        x1, x2 = self.encode_pair(tokens, tokens2, mask, mask2)  # (B, dim) each
+        x1, x2 = self.encode_pair(tokens, tokens2, mask, mask2)  # (B, dim) each (auxiliary losses of both)
         features = torch.cat([x1, x2, x1 * x2, x1 - x2], dim=-1)  # (B, 4 dim)
         return self.head(features)
+
+    def aux_losses(self) -> dict[str, AuxLoss]:
+        """The attention layers' auxiliary losses of the last forward (both documents)."""
+        return collect_aux_losses(self)

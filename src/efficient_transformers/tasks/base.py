@@ -323,6 +323,10 @@ class Task:
         """
         return collate(self.kind, items, self.pad_id)
 
+    def data_shape(self, opts: dict[str, Any]) -> tuple[int, ...] | None:
+        """The grid the sequence is the raster order of (an image's (H, W)), or None for 1-D data."""
+        return None
+
     def natural_max_len(self, opts: dict[str, Any]) -> int:
         """The generator's length bound when ``max_len`` is None (overridden where it depends on
         an option, e.g. the Pathfinder image size)."""

@@ -193,6 +193,9 @@ class ImageTask(Task):
     default_sizes = (5000, 500, 500)
     options = {}
 
+    def data_shape(self, opts):
+        return (SIDE, SIDE)
+
     def _generate(self, *, seed, max_len, sizes):
         out = {}
         for split in ("train", "val", "test"):

@@ -495,6 +495,10 @@ class PathfinderTask(Task):
     def natural_max_len(self, opts):
         return int(opts.get("size", 32)) ** 2
 
+    def data_shape(self, opts):
+        size = int(opts.get("size", 32))
+        return (size, size)
+
     def _generate(self, *, seed, max_len, sizes, size, contour_length, **geometry):
         if not isinstance(size, int) or size < 16:
             raise ValueError(f"pathfinder: size must be an int >= 16, got {size!r}")

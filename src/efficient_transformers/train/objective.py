@@ -7,18 +7,24 @@
 
 `batch_statistics` returns sums (loss, correct, count), not means, so that evaluation over shards and
 processes adds up exactly; the training loss is ``loss_sum / count`` of the micro-batch.
+
+Auxiliary losses (`core.aux_losses`: Routing's commitment, Compressive's reconstruction) that the
+attention layers report during the forward are added to the objective with their weights:
+objective = loss_sum / count + sum(weight * value). Each value is logged (unweighted) as
+``aux/<name>``, averaged over the logged batches of the main process (they are not all-reduced).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.aux_losses import collect_aux_losses, weighted_aux_loss
 from ..models import RetrievalModel, TransformerClassifier, TransformerLM
 from ..registry import card, mechanisms
 from .config import TrainConfig
@@ -32,6 +38,10 @@ def model_config(config: TrainConfig, task: Any, max_len: int) -> dict[str, Any]
     common = dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
                   attention_options=dict(config.attention_options), max_seq_len=max_len,
                   ff_mult=config.ff_mult, dropout=config.dropout)
+    data_shape = getattr(task, "data_shape", None)  # Task's method; duck-typed tasks may lack it
+    shape = data_shape(dict(config.task_options)) if data_shape is not None else None
+    if shape is not None and card(config.attention).uses_shape and math.prod(shape) == max_len:
+        common["data_shape"] = list(shape)  # the image's grid, for mechanisms that lay tokens out on one
     if task.kind == "language_model":
         return {"class": "TransformerLM", "vocab_size": task.vocab_size, **common}
     common["pooling"] = config.pooling
@@ -70,16 +80,27 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 @dataclass
 class BatchStats:
-    """Sums over one or more batches; `count` is examples (classification) or target bytes (LM)."""
+    """Sums over one or more batches; `count` is examples (classification) or target bytes (LM).
+
+    `aux_sums` holds each auxiliary loss summed over `aux_batches` batches (this process only)."""
 
     loss_sum: float = 0.0
     correct: float = 0.0
     count: float = 0.0
+    aux_sums: dict[str, float] = field(default_factory=dict)
+    aux_batches: int = 0
 
     def add(self, other: "BatchStats") -> None:
         self.loss_sum += other.loss_sum
         self.correct += other.correct
         self.count += other.count
+        for name, value in other.aux_sums.items():
+            self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value
+        self.aux_batches += other.aux_batches
+
+    def with_local_aux(self, local: "BatchStats") -> "BatchStats":
+        """These (all-reduced) sums with `local`'s auxiliary losses."""
+        return BatchStats(self.loss_sum, self.correct, self.count, dict(local.aux_sums), local.aux_batches)
 
     def as_tensor(self) -> Tensor:
         return torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64)
@@ -97,6 +118,8 @@ class BatchStats:
         out = {"loss": loss, "accuracy": self.correct / self.count}
         if metric == "bits_per_byte":
             out["bits_per_byte"] = loss / math.log(2)
+        for name in sorted(self.aux_sums):
+            out[f"aux/{name}"] = self.aux_sums[name] / max(self.aux_batches, 1)
         return out
 
 
@@ -110,7 +133,10 @@ def move_batch(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 
 
 def batch_statistics(model: nn.Module, batch: dict[str, Tensor], kind: str) -> tuple[Tensor, BatchStats]:
-    """Forward one batch: (loss_sum as a differentiable scalar, detached statistics)."""
+    """Forward one batch: (the objective sum, a differentiable scalar, and detached statistics).
+
+    The objective sum is loss_sum + count * sum(weight * aux) (see the module doc), so that
+    objective / count is the per-example loss plus the weighted auxiliary losses."""
     if kind == "language_model":
         mask = batch["mask"]  # (B, L)
         logits = model(batch["tokens"], _mask_or_none(mask))  # (B, L, V)
@@ -133,5 +159,9 @@ def batch_statistics(model: nn.Module, batch: dict[str, Tensor], kind: str) -> t
         count = torch.tensor(labels.numel())
     else:
         raise ValueError(f"unknown task kind {kind!r}; allowed: {list(KINDS)}")
-    stats = BatchStats(float(loss_sum.detach()), float(correct), float(count))
-    return loss_sum, stats
+    aux = collect_aux_losses(model)
+    stats = BatchStats(float(loss_sum.detach()), float(correct), float(count),
+                       {name: float(loss.value.detach()) for name, loss in aux.items()}, 1 if aux else 0)
+    weighted = weighted_aux_loss(aux)
+    objective = loss_sum if weighted is None else loss_sum + weighted * count
+    return objective, stats

@@ -250,11 +250,11 @@ class Trainer:
                 batch = move_batch(self.task.collate([data[i] for i in ids]), self.device)
                 stats.add(batch_statistics(model, batch, self.task.kind)[1])
         model.train(was_training)
-        total = BatchStats.from_tensor(self.env.all_reduce_sum(stats.as_tensor()))
+        total = BatchStats.from_tensor(self.env.all_reduce_sum(stats.as_tensor())).with_local_aux(stats)
         return {**total.summary(self.metric), "examples": len(data)}
 
     def _log_train(self, lr: float, elapsed: float) -> None:
-        total = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor()))
+        total = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor())).with_local_aux(self.window)
         self.metrics.write({"step": self.step, "split": "train", **total.summary(self.metric), "lr": lr,
                             "elapsed": round(elapsed, 3), "steps_averaged": self.window_steps,
                             "examples_seen": self.plan.position(self.step * self.config.accum).examples_consumed})
@@ -288,7 +288,7 @@ class Trainer:
 
     def _checkpoint(self, elapsed: float) -> None:
         rng = self._rng_states()
-        window = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor()))  # all processes' sums
+        window = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor())).with_local_aux(self.window)
         if not self.env.is_main:
             return
         ckpt.stage(self.out_dir, ckpt.MODEL_FILE, self._weights_bytes())
@@ -308,7 +308,7 @@ class Trainer:
             "best": self.best,
             "rng": rng,
             "train_window": {"loss_sum": window.loss_sum, "correct": window.correct, "count": window.count,
-                             "steps": self.window_steps},
+                             "steps": self.window_steps, "aux_sums": window.aux_sums, "aux_batches": window.aux_batches},
             "metrics_bytes": self.metrics.size(),
             "elapsed": elapsed,
             "files": files,
@@ -338,7 +338,8 @@ class Trainer:
         self.step, self.best, self.elapsed_before = state["step"], state["best"], state["elapsed"]
         window = state["train_window"]  # summed over processes: rank 0 carries it, the others start at zero
         if self.env.is_main:
-            self.window = BatchStats(window["loss_sum"], window["correct"], window["count"])
+            self.window = BatchStats(window["loss_sum"], window["correct"], window["count"],
+                                     dict(window.get("aux_sums", {})), window.get("aux_batches", 0))
         self.window_steps = window["steps"]
         position = self.plan.position(self.step * self.config.accum).to_json()
         if position != state["data_position"]:
