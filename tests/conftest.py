@@ -41,3 +41,17 @@ def _decode_in_steps(layer, x: torch.Tensor, prefill: int, on_step=None):
 @pytest.fixture
 def decode_in_steps():
     return _decode_in_steps
+
+
+@pytest.fixture
+def aux_reporting_vanilla(monkeypatch):
+    """Vanilla layers that report an auxiliary loss: the mean square of their values, weight 0.25."""
+    from efficient_transformers.attention.vanilla import VanillaAttention
+
+    plain = VanillaAttention._attend
+
+    def _attend(self, q, k, v, mask, state, **extra):
+        self.report_aux_loss("value_energy", v.float().square().mean(), weight=0.25)
+        return plain(self, q, k, v, mask, state, **extra)
+
+    monkeypatch.setattr(VanillaAttention, "_attend", _attend)
