@@ -1,9 +1,11 @@
 """The `eft` command line (also `python -m efficient_transformers`).
 
     eft models [--json]      the survey's Table 1, produced from the registry
+    eft models NAME ...      one mechanism's card in full       (efficient_transformers.model_card)
     eft bench ...            the efficiency benchmark           (efficient_transformers.bench.command)
     eft train ...            train and evaluate one model        (efficient_transformers.train.command)
     eft lra ...              the long-range suite                (efficient_transformers.train.lra)
+    eft advise ...           which mechanism for a length/budget (efficient_transformers.bench.advise)
 
 Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`, so the
 CLI stays a thin dispatcher and the dependency direction stays cli -> (bench, train) -> models.
@@ -22,6 +24,7 @@ SUBCOMMANDS = {
     "bench": ("efficient_transformers.bench.command", "the efficiency benchmark: time, memory, FLOPs, slopes, crossover"),
     "train": ("efficient_transformers.train.command", "train and evaluate one model on one task"),
     "lra": ("efficient_transformers.train.lra", "the long-range suite over all mechanisms"),
+    "advise": ("efficient_transformers.bench.advise", "which mechanism for this length and budget, measured here"),
 }
 
 
@@ -36,6 +39,13 @@ def models_table() -> str:
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        from . import model_card
+
+        return model_card.run(args)
+    if args.bench:
+        print("eft models: error: --bench needs a mechanism NAME (eft models NAME --bench FILE)", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([c.to_json() for c in mechanisms()], indent=2))
     else:
@@ -45,9 +55,13 @@ def _run_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eft", description="efficient-transformers: the survey's models, measured.")
-    sub = parser.add_subparsers(dest="command", metavar="{models,bench,train,lra}")
-    p = sub.add_parser("models", help="the survey's Table 1 from the registry")
-    p.add_argument("--json", action="store_true", help="print the cards as a JSON list")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(["models", *SUBCOMMANDS]) + "}")
+    p = sub.add_parser("models", help="the survey's Table 1 from the registry; with NAME, one card in full",
+                       description="the survey's Table 1 from the registry; with NAME, one mechanism's card in full")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a registry name, e.g. linformer: its card in full")
+    p.add_argument("--json", action="store_true", help="print the cards as a JSON list (with NAME: the card)")
+    p.add_argument("--bench", default=None, metavar="FILE", help="with NAME: its measured rows from this bench.json")
+    p.add_argument("--any-machine", action="store_true", help="accept a --bench file measured on another machine")
     p.set_defaults(run=_run_models)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:
