@@ -30,7 +30,7 @@ PATTERN_CASES = [(n, c) for n, c in CASES if et.card(n).fixed_pattern]
 PATTERN_IDS = [f"{n}-{'causal' if c else 'bidir'}" for n, c in PATTERN_CASES]
 
 
-GLOBAL_CASES = [(n, c) for n, c in CASES if et.card(n).global_tokens]
+GLOBAL_CASES = [(n, c) for n, c in CASES if et.card(n).global_tokens and not c]  # global tokens: encoders
 GLOBAL_IDS = [f"{n}-{'causal' if c else 'bidir'}" for n, c in GLOBAL_CASES]
 
 

@@ -5,3 +5,4 @@ from . import linear_transformer  # noqa: F401
 from . import performer  # noqa: F401
 from . import linformer  # noqa: F401
 from . import synthesizer  # noqa: F401
+from . import longformer  # noqa: F401

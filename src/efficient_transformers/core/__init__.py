@@ -11,7 +11,7 @@ from .masks import causal_allowed, combine_allowed, masked_softmax, zero_padded
 from .projection import project_heads
 from .randomness import SeededDraws
 from .reference import reference_attention
-from .state import History, KVCache
+from .state import History, KVCache, PositionedKVCache
 
 __all__ = [
     "PROJECTIONS",
@@ -19,6 +19,7 @@ __all__ = [
     "AuxLoss",
     "History",
     "KVCache",
+    "PositionedKVCache",
     "SeededDraws",
     "causal_allowed",
     "collect_aux_losses",

@@ -30,15 +30,26 @@ def dense_attention(
     causal: bool = False,
     query_offset: int = 0,
     backend: str = "auto",
+    allowed: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v with optional key padding and causality.
+    """softmax(q k^T / sqrt(d)) v with optional key padding, causality and an explicit pattern.
 
     q: (B, H, Nq, d); k, v: (B, H, Nk, d). Query i sits at absolute position i + query_offset (for
-    decoding with a cache, query_offset = Nk - Nq). Rows with no allowed key give zeros.
+    decoding with a cache, query_offset = Nk - Nq). `allowed` (B|1, H|1, Nq, Nk) bool restricts the
+    pairs further (pattern mechanisms decoding over a small cache; never an N x N mask on a fast
+    path). Rows with no allowed key give zeros.
     """
     if backend not in BACKENDS:
         raise ValueError(f"dense attention: unknown backend {backend!r}; allowed: {list(BACKENDS)}")
     nq, nk = q.shape[-2], k.shape[-2]
+    if allowed is not None:
+        base = combine_allowed(key_mask, causal, nq, nk, query_offset=query_offset, device=q.device)
+        allowed = allowed.to(q.device) if base is None else base & allowed.to(q.device)
+        if backend == "math":
+            return _math(q, k, v, allowed)
+        row_has_key = allowed.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~row_has_key)
+        return out * row_has_key.to(out.dtype)
     if causal and key_mask is None and query_offset == 0 and nq == nk:
         if backend == "math":
             return _math(q, k, v, combine_allowed(None, True, nq, nk, device=q.device))

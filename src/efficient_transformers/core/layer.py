@@ -45,7 +45,8 @@ from . import options as opt
 from .aux_losses import ReportsAuxLosses
 from .heads import merge_heads
 from .projection import project_heads
-from .state import History
+from .dense import dense_attention
+from .state import History, PositionedKVCache
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -161,6 +162,27 @@ class AttentionLayer(ReportsAuxLosses, nn.Module):
             return full(q, k, v, mask), history
         out = full(history.q, history.k, history.v, history.key_mask)  # (B, H, n_total, d)
         return out[..., -q.shape[-2]:, :], history
+
+    def _attend_cached_pattern(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                               state: PositionedKVCache | None, allowed, still_needed, full=None):
+        """Causal decoding of a fixed-pattern mechanism with a cache bounded by its pattern.
+
+        allowed(query_positions (n,), key_positions (m,)) -> (H | 1, n, m) bool: the pattern's rule
+        (causality included), the element form of the mechanism's layout; still_needed(key_positions
+        (m,), next_position) -> (m,) bool: the cached keys some query at >= next_position may attend.
+        With state None and `full(q, k, v, mask)` given (the block-sparse parallel form), the whole
+        prefix is computed by it and the cache is only filled; otherwise the new queries attend the
+        cache densely (it holds only what the pattern can still reach). Returns (out, pruned cache).
+        """
+        cache = PositionedKVCache.extend(state, k, v, mask)
+        n = q.shape[-2]
+        if state is None and full is not None:
+            out = full(q, k, v, mask)
+        else:
+            query_positions = torch.arange(cache.length - n, cache.length, device=q.device)
+            pattern = allowed(query_positions, cache.positions.to(q.device))  # (H | 1, n, m)
+            out = dense_attention(q, cache.k, cache.v, key_mask=cache.key_mask, allowed=pattern[None])
+        return out, cache.keep(still_needed(cache.positions, cache.length))
 
     # ------------------------------------------------------------------ validation
     def check_input(self, x: Tensor, mask: Tensor | None, state: Any = None,
