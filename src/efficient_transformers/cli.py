@@ -4,8 +4,11 @@
     eft models NAME ...      one mechanism's card in full       (efficient_transformers.model_card)
     eft bench ...            the efficiency benchmark           (efficient_transformers.bench.command)
     eft train ...            train and evaluate one model        (efficient_transformers.train.command)
+    eft eval RUN_DIR ...     a run's test split, float32 / int8  (efficient_transformers.train.evaluate)
+    eft distill ...          knowledge distillation              (efficient_transformers.train.distill)
     eft lra ...              the long-range suite                (efficient_transformers.train.lra)
     eft advise ...           which mechanism for a length/budget (efficient_transformers.bench.advise)
+    eft search ...           hardware-aware architecture search  (efficient_transformers.train.search)
 
 Each subcommand lives in its own module exposing `configure(parser)` and `run(args) -> int`, so the
 CLI stays a thin dispatcher and the dependency direction stays cli -> (bench, train) -> models.
@@ -23,8 +26,11 @@ from .registry import mechanisms
 SUBCOMMANDS = {
     "bench": ("efficient_transformers.bench.command", "the efficiency benchmark: time, memory, FLOPs, slopes, crossover"),
     "train": ("efficient_transformers.train.command", "train and evaluate one model on one task"),
+    "eval": ("efficient_transformers.train.evaluate", "evaluate a run folder on its test split (--int8: beside int8)"),
+    "distill": ("efficient_transformers.train.distill", "knowledge distillation into a student of any mechanism"),
     "lra": ("efficient_transformers.train.lra", "the long-range suite over all mechanisms"),
     "advise": ("efficient_transformers.bench.advise", "which mechanism for this length and budget, measured here"),
+    "search": ("efficient_transformers.train.search", "hardware-aware architecture search (Optuna), resumable"),
 }
 
 
