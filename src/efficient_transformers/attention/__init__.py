@@ -6,3 +6,5 @@ from . import performer  # noqa: F401
 from . import linformer  # noqa: F401
 from . import synthesizer  # noqa: F401
 from . import longformer  # noqa: F401
+from . import bigbird  # noqa: F401
+from . import image_transformer  # noqa: F401
