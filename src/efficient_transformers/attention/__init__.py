@@ -8,3 +8,5 @@ from . import synthesizer  # noqa: F401
 from . import longformer  # noqa: F401
 from . import bigbird  # noqa: F401
 from . import image_transformer  # noqa: F401
+from . import sparse_transformer  # noqa: F401
+from . import axial  # noqa: F401
