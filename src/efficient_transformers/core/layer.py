@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..registry import Card
 from . import options as opt
 from .aux_losses import ReportsAuxLosses
-from .heads import merge_heads
+from .heads import merge_heads, split_heads
 from .projection import project_heads
 from .dense import dense_attention
 from .state import History, PositionedKVCache
@@ -95,7 +95,11 @@ class AttentionLayer(ReportsAuxLosses, nn.Module):
         projection (`projections` of the constructor), and the keyword inputs of `_attend`."""
         if self.to_qkv is None:
             return None, None, None, extra
-        slots = project_heads(x, self.to_qkv.weight, self.to_qkv.bias, self.heads)
+        if isinstance(self.to_qkv, nn.Linear):
+            slots = project_heads(x, self.to_qkv.weight, self.to_qkv.bias, self.heads)
+        else:  # a wrapped projection (et.quantize's int8 Linear, LoRA): its own product, then the head split
+            n = PROJECTIONS[self.projections]
+            slots = split_heads(self.to_qkv(x), n * self.heads).chunk(n, dim=1)  # S x (B, H, N, d)
         if self.projections == "qkv":
             q, k, v = slots
         elif self.projections == "shared_qk":

@@ -1,4 +1,6 @@
-"""Models built on the registry: the shared stack, the language model and the classifier."""
+"""Models built on the registry: the shared stack, the language model and the classifier, and the
+model-level techniques (weight sharing, reversible layers and chunked feed-forward in `blocks` and
+`reversible`; adapters and LoRA in `adapters`; int8 quantization in `quantize`)."""
 
 from .blocks import FeedForward, TransformerBlock, TransformerStack
 from .classifier import TransformerClassifier, TransformerEncoder

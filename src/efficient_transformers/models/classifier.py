@@ -14,6 +14,9 @@ the `shape` option to mechanisms that lay tokens out on a grid (card `uses_shape
 Transformer). The CLS token lies outside the grid: such a layer sees 1 + H W positions and treats the
 leading positions beyond the grid as global tokens.
 
+Model-level techniques (any mechanism): `share`, `embedding_dim`, `reversible`, `ff_chunks` (see
+`models.blocks.TransformerStack` and `models.embedding`).
+
 Positions: `positional=None` (default) adds sinusoidal absolute positions, or none for mechanisms
 that bring their own (card `own_positions`).
 """
@@ -39,7 +42,9 @@ class TransformerEncoder(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, *,
                  attention: str = "vanilla", attention_options: dict[str, Any] | None = None,
                  pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str | None = None,
-                 ff_mult: int = 4, dropout: float = 0.0, data_shape: tuple[int, ...] | None = None) -> None:
+                 ff_mult: int = 4, dropout: float = 0.0, data_shape: tuple[int, ...] | None = None,
+                 share: str = "none", embedding_dim: int | None = None, reversible: bool = False,
+                 ff_chunks: int = 1) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; allowed: {list(POOLINGS)}")
@@ -50,12 +55,13 @@ class TransformerEncoder(nn.Module):
         self.data_shape = check_data_shape(data_shape)
         extra = 1 if pooling == "cls" else 0
         positional = resolve_positional(attention, positional)
-        self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len + extra, dropout=dropout)
+        self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len + extra, dropout=dropout,
+                              embedding_dim=embedding_dim)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if pooling == "cls" else None
         self.stack = TransformerStack(
             dim, depth, heads, attention=attention, attention_options=attention_options, causal=False,
             norm=norm, ff_mult=ff_mult, dropout=dropout, max_seq_len=max_seq_len + extra,
-            data_shape=self.data_shape,
+            data_shape=self.data_shape, share=share, reversible=reversible, ff_chunks=ff_chunks,
         )
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None, global_mask: Tensor | None = None) -> Tensor:
@@ -96,12 +102,14 @@ class TransformerClassifier(nn.Module):
                  attention: str = "vanilla", attention_options: dict[str, Any] | None = None,
                  pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str | None = None,
                  ff_mult: int = 4, dropout: float = 0.0, mlp_dim: int | None = None,
-                 data_shape: tuple[int, ...] | None = None) -> None:
+                 data_shape: tuple[int, ...] | None = None, share: str = "none", embedding_dim: int | None = None,
+                 reversible: bool = False, ff_chunks: int = 1) -> None:
         super().__init__()
         self.encoder = TransformerEncoder(
             vocab_size, dim, depth, heads, attention=attention, attention_options=attention_options,
             pooling=pooling, max_seq_len=max_seq_len, norm=norm, positional=positional, ff_mult=ff_mult,
-            dropout=dropout, data_shape=data_shape,
+            dropout=dropout, data_shape=data_shape, share=share, embedding_dim=embedding_dim,
+            reversible=reversible, ff_chunks=ff_chunks,
         )
         self.head = classification_head(dim, mlp_dim or dim, num_classes)
 

@@ -6,6 +6,11 @@
 state (a KV cache for dense and pattern mechanisms, running sums for kernel mechanisms), so a new
 token costs what the mechanism's incremental form costs, not a recompute of the whole prefix.
 
+Model-level techniques (any mechanism): `share` (cross-layer weight sharing), `embedding_dim`
+(ALBERT's factorised embedding; with tied embeddings the output goes back through a dim -> E
+projection before the tied (V, E) matrix), `reversible` and `ff_chunks` (Reformer); see
+`models.blocks.TransformerStack`.
+
 `positional=None` (default): sinusoidal absolute positions, or none for mechanisms with their own
 (card `own_positions`). `data_shape=(H, W)`: the grid of an image modelled in raster order, passed
 as the `shape` option to mechanisms that use one (card `uses_shape`).
@@ -41,6 +46,10 @@ class TransformerLM(nn.Module):
         dropout: float = 0.0,
         tie_embeddings: bool = True,
         data_shape: tuple[int, ...] | None = None,
+        share: str = "none",
+        embedding_dim: int | None = None,
+        reversible: bool = False,
+        ff_chunks: int = 1,
     ) -> None:
         super().__init__()
         if not card(attention).causal:
@@ -50,12 +59,17 @@ class TransformerLM(nn.Module):
             )
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         positional = resolve_positional(attention, positional)
-        self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len, dropout=dropout)
+        self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len, dropout=dropout,
+                              embedding_dim=embedding_dim)
         self.stack = TransformerStack(
             dim, depth, heads, attention=attention, attention_options=attention_options, causal=True,
             norm=norm, ff_mult=ff_mult, dropout=dropout, max_seq_len=max_seq_len, data_shape=data_shape,
+            share=share, reversible=reversible, ff_chunks=ff_chunks,
         )
-        self.head = nn.Linear(dim, vocab_size, bias=False)
+        factorised = self.embed.project is not None and tie_embeddings
+        e = self.embed.embedding_dim
+        self.head_proj = nn.Linear(dim, e, bias=False) if factorised else None  # dim -> E before the tied head
+        self.head = nn.Linear(e if factorised else dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.tokens.weight
 
@@ -66,7 +80,11 @@ class TransformerLM(nn.Module):
         self._check_length(tokens.shape[1])
         reset_aux_losses(self)
         x = self.embed(tokens)  # (B, N, dim)
-        return self.head(self.stack(x, mask))  # (B, N, V)
+        return self.logits(self.stack(x, mask))  # (B, N, V)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final hidden states (..., dim) -> logits (..., V)."""
+        return self.head(h if self.head_proj is None else self.head_proj(h))
 
     def aux_losses(self) -> dict[str, AuxLoss]:
         return collect_aux_losses(self)
@@ -79,7 +97,7 @@ class TransformerLM(nn.Module):
         reset_aux_losses(self)
         x = self.embed(tokens, offset)  # (B, n, dim)
         h, states = self.stack(x, None, states, return_states=True)  # (B, n, dim)
-        return self.head(h[:, -1]), states  # (B, V)
+        return self.logits(h[:, -1]), states  # (B, V)
 
     @torch.no_grad()
     def generate(

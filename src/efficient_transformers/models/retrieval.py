@@ -24,12 +24,14 @@ class RetrievalModel(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 128, depth: int = 4, heads: int = 4, *,
                  attention: str = "vanilla", attention_options: dict[str, Any] | None = None,
                  pooling: str = "cls", max_seq_len: int = 4096, norm: str = "pre", positional: str | None = None,
-                 ff_mult: int = 4, dropout: float = 0.0, mlp_dim: int | None = None, num_classes: int = 2) -> None:
+                 ff_mult: int = 4, dropout: float = 0.0, mlp_dim: int | None = None, num_classes: int = 2,
+                 share: str = "none", embedding_dim: int | None = None, reversible: bool = False,
+                 ff_chunks: int = 1) -> None:
         super().__init__()
         self.encoder = TransformerEncoder(
             vocab_size, dim, depth, heads, attention=attention, attention_options=attention_options,
             pooling=pooling, max_seq_len=max_seq_len, norm=norm, positional=positional, ff_mult=ff_mult,
-            dropout=dropout,
+            dropout=dropout, share=share, embedding_dim=embedding_dim, reversible=reversible, ff_chunks=ff_chunks,
         )
         self.head = classification_head(4 * dim, mlp_dim or dim, num_classes)  # on [X1, X2, X1 * X2, X1 - X2]
 

@@ -6,6 +6,7 @@ Files a run keeps in its output folder:
     best.safetensors       the weights that scored best on validation
     optimizer.safetensors  the optimiser state, tensors flattened; its structure as JSON in the metadata
     trainer_state.json     step, config, RNG states, data position, best metric: the commit record
+    adapters.safetensors   with --adapters: the fine-tuned weights alone (adapters, norms, head), for a base
 
 Every file is written to a temporary name in the same folder and moved into place with `os.replace`,
 so a reader never sees half a file. A checkpoint is several files, so it is committed like a journal:
@@ -32,6 +33,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+import torch
 from torch import Tensor, nn
 
 STATE_FILE = "trainer_state.json"
@@ -40,10 +42,11 @@ BEST_FILE = "best.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+ADAPTERS_FILE = "adapters.safetensors"  # fine-tuning with --adapters: the trained weights apart from the base
 PENDING_SUFFIX = ".pending"
 STATE_FORMAT = "efficient_transformers.trainer_state/1"
 #: Everything a run writes; `--overwrite` removes exactly these.
-RUN_FILES = (STATE_FILE, MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, METRICS_FILE, RESULTS_FILE)
+RUN_FILES = (STATE_FILE, MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, METRICS_FILE, RESULTS_FILE, ADAPTERS_FILE)
 
 
 _UMASK = os.umask(0o022)
@@ -199,11 +202,30 @@ def load_weights(path: str | Path, module: nn.Module) -> dict[str, str]:
     tensors = load_safetensors_bytes(path.read_bytes())
     for name, target in json.loads(metadata.get("aliases", "{}")).items():
         tensors[name] = tensors[target]
+    _check_shared_names(path, module, tensors)
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit this model ({err})") from None
     return metadata
+
+
+def _check_shared_names(path: Path, module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Names that are one tensor in `module` (tied embeddings, cross-layer sharing) must hold equal values
+    in the file: otherwise loading would keep whichever came last (a file saved with another `share=`)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in module.state_dict().items():
+        if t.numel():
+            groups.setdefault((t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in tensors]
+        first = present[0] if present else None
+        for other in present[1:]:
+            a, b = tensors[first], tensors[other]
+            if a.shape != b.shape or not torch.equal(a, b):
+                raise CheckpointError(
+                    f"{path}: {first!r} and {other!r} are one shared weight in this model but differ in the file "
+                    f"(saved from a model with other weight sharing? check its share= setting)")
 
 
 # ---------------------------------------------------------------------------------------------- the journal

@@ -3,6 +3,8 @@
     eft train --task listops --attention performer --max-len 256 --steps 2000 --out runs/listops-performer
     eft train --task listops --attention performer --out runs/listops-performer --resume
     eft train --task text --attention vanilla --data /data/aclImdb --bf16
+    eft train --task listops --attention vanilla --share all --reversible --fp16
+    eft train --task text --init-from runs/listops-vanilla-s0 --adapters houlsby:16 --out runs/text-adapters
     torchrun --nproc_per_node 2 -m efficient_transformers train --task listops --attention vanilla ...
 
 Without --data the task generates its data offline; with it, the official files are read. Bad input
@@ -24,7 +26,7 @@ CONFIG_FIELDS = (
     "task", "attention", "data", "out", "steps", "seed", "dim", "depth", "heads", "ff_mult", "max_len", "pooling",
     "dropout", "num_train", "num_val", "num_test", "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup",
     "decay", "min_lr_ratio", "grad_clip", "accum", "bf16", "eval_every", "checkpoint_every", "log_every", "device",
-    "progress",
+    "progress", "share", "embedding_dim", "reversible", "ff_chunks", "fp16", "init_from", "adapters",
 )
 
 
@@ -59,6 +61,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dropout", type=float, default=S, help=f"(default {d['dropout'].default})")
     model.add_argument("--attention-option", action="append", default=[], metavar="KEY=VALUE",
                        help="attention option (repeatable); VALUE is parsed as JSON when possible")
+    model.add_argument("--share", default=S, metavar="MODE",
+                       help="cross-layer weight sharing: none, all, attention or ffn (default none)")
+    model.add_argument("--embedding-dim", type=int, default=S, metavar="E",
+                       help="ALBERT's factorised embedding of E < --dim dimensions (default: none)")
+    model.add_argument("--reversible", action="store_true", default=S,
+                       help="reversible residual layers (Reformer): activation memory independent of depth")
+    model.add_argument("--ff-chunks", type=int, default=S, metavar="N",
+                       help="apply the feed-forward to N slices of the sequence (default 1)")
+    tune = parser.add_argument_group("fine-tuning")
+    tune.add_argument("--init-from", default=S, metavar="RUN_DIR",
+                      help="start from this run's best weights (and architecture); the task head is new if the task is")
+    tune.add_argument("--adapters", default=S, metavar="KIND:SIZE",
+                      help="with --init-from: train only houlsby:SIZE bottleneck adapters or lora:RANK updates "
+                           "(plus layer norms and the task head), the base frozen")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=S, help=f"optimiser steps (default {d['steps'].default})")
     opt.add_argument("--seed", type=int, default=S, help="seed of data generation, order, init and dropout (default 0)")
@@ -72,6 +88,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--min-lr-ratio", type=float, default=S, help="final lr / peak lr (default 0)")
     opt.add_argument("--grad-clip", type=float, default=S, help=f"max gradient norm, 0 = off (default {d['grad_clip'].default})")
     opt.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast")
+    opt.add_argument("--fp16", action="store_true", default=S,
+                     help="float16 autocast with a gradient scaler (overflowing steps skipped, counted in metrics.jsonl)")
     book = parser.add_argument_group("evaluation, checkpoints, device")
     book.add_argument("--eval-every", type=int, default=S, help=f"validate every N steps (default {d['eval_every'].default})")
     book.add_argument("--checkpoint-every", type=int, default=S, help="checkpoint every N steps (default: --eval-every)")
@@ -111,6 +129,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         from .trainer import load_resume_config
 
         return load_resume_config(given.pop("out"), given)
+    if "init_from" in given:
+        from .transfer import merge_base_config, read_run
+
+        given = merge_base_config(given, read_run(given["init_from"], "--init-from"))
     missing = [f"--{name}" for name in ("task", "attention") if name not in given]
     if missing:
         raise ValueError(f"missing required option(s) {' and '.join(missing)}")
@@ -118,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, config_from_args=config_from_args, prog: str = "eft train") -> int:
+    """`eft train` (and `eft distill`, which builds its config with its own `config_from_args`)."""
     from .distributed import init_distributed, shutdown_distributed
     from .trainer import Trainer
 
@@ -135,14 +158,14 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(max(1, torch.get_num_threads() // env.world_size))
         trainer = Trainer(config, env=env, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        print(f"eft train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         shutdown_distributed()
         return 2
     try:
         results = trainer.fit(stop_at=args.stop_at)
         env.barrier()  # no process tears the group down while another is still in a collective or writing
     except FloatingPointError as err:
-        print(f"eft train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     finally:
         shutdown_distributed()

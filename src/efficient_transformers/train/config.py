@@ -39,6 +39,16 @@ class TrainConfig:
     pooling: str = "cls"
     dropout: float = 0.1
     attention_options: dict[str, Any] = field(default_factory=dict)
+    share: str = "none"  # cross-layer weight sharing: none | all | attention | ffn
+    embedding_dim: int | None = None  # ALBERT's factorised embedding (E < dim)
+    reversible: bool = False  # Reformer's reversible residual layers
+    ff_chunks: int = 1  # chunked feed-forward
+    # fine-tuning and distillation
+    init_from: str | None = None  # a run folder whose best weights initialise the model (its architecture)
+    adapters: str | None = None  # "houlsby:SIZE" | "lora:RANK": train those only, the base frozen
+    teacher: str | None = None  # a run folder: distil its model's softened outputs into this one
+    distill_temperature: float = 2.0  # tau: softmax(logits / tau) for teacher and student
+    distill_alpha: float = 0.5  # loss = alpha tau^2 KL(teacher || student) + (1 - alpha) task loss
     # data
     num_train: int | None = None
     num_val: int | None = None
@@ -55,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     accum: int = 1  # micro-batches per optimiser step
     bf16: bool = False
+    fp16: bool = False  # float16 autocast with a gradient scaler (overflowing steps are skipped and counted)
     # bookkeeping
     eval_every: int = 100
     checkpoint_every: int | None = None  # None -> eval_every
@@ -92,8 +103,29 @@ class TrainConfig:
         _check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
         _check_float("grad_clip", self.grad_clip, low=0.0)
-        if not isinstance(self.bf16, bool):
-            raise ValueError(f"bf16 must be a bool, got {self.bf16!r}")
+        for name in ("bf16", "fp16", "reversible"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 contradict each other; allowed: one of --bf16, --fp16 or neither")
+        from ..models.blocks import check_embedding_dim, check_ff_chunks, check_share  # late: models import torch
+
+        check_share(self.share)
+        check_embedding_dim(self.embedding_dim, self.dim)
+        check_ff_chunks(self.ff_chunks)
+        if self.adapters is not None:
+            from ..models.adapters import parse_adapters
+
+            parse_adapters(self.adapters)
+            if self.init_from is None:
+                raise ValueError(f"adapters={self.adapters!r} fine-tune a trained base: give --init-from RUN_DIR "
+                                 f"(a run folder) with --adapters")
+        for name in ("init_from", "teacher"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a run folder path or None, got {value!r}")
+        _check_float("distill_temperature", self.distill_temperature, low=0.0, low_open=True)
+        _check_float("distill_alpha", self.distill_alpha, low=0.0, high=1.0)
         if self.progress not in ("auto", "on", "off"):
             raise ValueError(f"progress must be one of ['auto', 'on', 'off'], got {self.progress!r}")
         for name in ("attention_options", "task_options"):

@@ -26,10 +26,13 @@ from torch import Tensor, nn
 
 from ..core.aux_losses import collect_aux_losses, weighted_aux_loss
 from ..models import RetrievalModel, TransformerClassifier, TransformerLM
+from ..models.adapters import add_adapters
 from ..registry import card, mechanisms
 from .config import TrainConfig
 
 KINDS = ("classification", "retrieval", "language_model")
+#: model keywords of the model-level techniques and their defaults (TrainConfig fields of the same names)
+MODEL_TECHNIQUES = {"share": "none", "embedding_dim": None, "reversible": False, "ff_chunks": 1}
 METRIC_DIRECTION = {"accuracy": "max", "bits_per_byte": "min"}
 
 
@@ -38,16 +41,26 @@ def model_config(config: TrainConfig, task: Any, max_len: int) -> dict[str, Any]
     common = dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
                   attention_options=dict(config.attention_options), max_seq_len=max_len,
                   ff_mult=config.ff_mult, dropout=config.dropout)
+    for name, default in MODEL_TECHNIQUES.items():  # only when set, so older runs' configs read the same
+        if getattr(config, name) != default:
+            common[name] = getattr(config, name)
     data_shape = getattr(task, "data_shape", None)  # Task's method; duck-typed tasks may lack it
     shape = data_shape(dict(config.task_options)) if data_shape is not None else None
     if shape is not None and card(config.attention).uses_shape and math.prod(shape) == max_len:
         common["data_shape"] = list(shape)  # the image's grid, for mechanisms that lay tokens out on one
     if task.kind == "language_model":
-        return {"class": "TransformerLM", "vocab_size": task.vocab_size, **common}
-    common["pooling"] = config.pooling
-    if task.kind == "retrieval":
-        return {"class": "RetrievalModel", "vocab_size": task.vocab_size, "num_classes": task.num_classes or 2, **common}
-    return {"class": "TransformerClassifier", "vocab_size": task.vocab_size, "num_classes": task.num_classes, **common}
+        spec = {"class": "TransformerLM", "vocab_size": task.vocab_size, **common}
+    else:
+        common["pooling"] = config.pooling
+        if task.kind == "retrieval":
+            spec = {"class": "RetrievalModel", "vocab_size": task.vocab_size, "num_classes": task.num_classes or 2,
+                    **common}
+        else:
+            spec = {"class": "TransformerClassifier", "vocab_size": task.vocab_size, "num_classes": task.num_classes,
+                    **common}
+    if config.adapters is not None:
+        spec["adapters"] = config.adapters  # added after construction (models.adapters), base frozen
+    return spec
 
 
 def check_mechanism_fits(task: Any, attention: str) -> None:
@@ -68,14 +81,20 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
                "TransformerClassifier": TransformerClassifier}
     kwargs = dict(spec)
     name = kwargs.pop("class")
+    adapters = kwargs.pop("adapters", None)
     if name not in classes:
         raise ValueError(f"unknown model class {name!r}; allowed: {sorted(classes)}")
     if name == "TransformerLM":
-        return TransformerLM(**kwargs)
-    vocab_size = kwargs.pop("vocab_size")
-    if name == "TransformerClassifier":
-        return TransformerClassifier(vocab_size, kwargs.pop("num_classes"), **kwargs)
-    return RetrievalModel(vocab_size, **kwargs)
+        model = TransformerLM(**kwargs)
+    else:
+        vocab_size = kwargs.pop("vocab_size")
+        if name == "TransformerClassifier":
+            model = TransformerClassifier(vocab_size, kwargs.pop("num_classes"), **kwargs)
+        else:
+            model = RetrievalModel(vocab_size, **kwargs)
+    if adapters is not None:
+        add_adapters(model, adapters)
+    return model
 
 
 @dataclass
@@ -132,36 +151,68 @@ def move_batch(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def batch_statistics(model: nn.Module, batch: dict[str, Tensor], kind: str) -> tuple[Tensor, BatchStats]:
+def model_logits(model: nn.Module, batch: dict[str, Tensor], kind: str) -> Tensor:
+    """The model's logits on one batch: (B, L, V) for language models, (B, C) otherwise."""
+    if kind == "language_model":
+        return model(batch["tokens"], _mask_or_none(batch["mask"]))  # (B, L, V)
+    if kind == "retrieval":
+        mask, mask2 = batch["mask"], batch["mask2"]
+        if bool(mask.all()) and bool(mask2.all()):
+            mask = mask2 = None
+        return model(batch["tokens"], batch["tokens2"], mask, mask2)  # (B, 2)
+    if kind == "classification":
+        return model(batch["tokens"], _mask_or_none(batch["mask"]))  # (B, C)
+    raise ValueError(f"unknown task kind {kind!r}; allowed: {list(KINDS)}")
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation (Hinton et al. 2015): the objective per example (or per target byte) is
+
+        alpha * tau^2 * KL(softmax(t / tau) || softmax(s / tau)) + (1 - alpha) * CE(s, labels)
+
+    with s, t the student's and the (frozen) teacher's logits; tau^2 keeps the soft term's gradients
+    on the scale of the hard term's as tau changes. Logged as ``aux/distill_kl`` (the KL, unscaled)."""
+
+    teacher: nn.Module
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+def batch_statistics(model: nn.Module, batch: dict[str, Tensor], kind: str,
+                     distill: Distillation | None = None) -> tuple[Tensor, BatchStats]:
     """Forward one batch: (the objective sum, a differentiable scalar, and detached statistics).
 
     The objective sum is loss_sum + count * sum(weight * aux) (see the module doc), so that
-    objective / count is the per-example loss plus the weighted auxiliary losses."""
+    objective / count is the per-example loss plus the weighted auxiliary losses. With `distill`, the
+    task loss in the objective is replaced by the distillation mix (`Distillation`); the statistics
+    keep the task loss, so metrics compare with runs trained without a teacher."""
+    logits = model_logits(model, batch, kind)
     if kind == "language_model":
-        mask = batch["mask"]  # (B, L)
-        logits = model(batch["tokens"], _mask_or_none(mask))  # (B, L, V)
-        per_token = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")  # (B*L,)
-        real = mask.flatten()  # (B*L,)
-        loss_sum = per_token[real].sum()
-        correct = (logits.argmax(-1).flatten()[real] == batch["targets"].flatten()[real]).sum()
+        real = batch["mask"].flatten()  # (B*L,)
+        flat = logits.float().flatten(0, 1)[real]  # (T, V): the real target positions
+        targets = batch["targets"].flatten()[real]  # (T,)
+        loss_sum = F.cross_entropy(flat, targets, reduction="sum")
+        correct = (flat.argmax(-1) == targets).sum()
         count = real.sum()
-    elif kind in ("classification", "retrieval"):
-        if kind == "retrieval":
-            mask, mask2 = batch["mask"], batch["mask2"]
-            if bool(mask.all()) and bool(mask2.all()):
-                mask = mask2 = None
-            logits = model(batch["tokens"], batch["tokens2"], mask, mask2)  # (B, 2)
-        else:
-            logits = model(batch["tokens"], _mask_or_none(batch["mask"]))  # (B, C)
-        labels = batch["label"]  # (B,)
-        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct = (logits.argmax(-1) == labels).sum()
-        count = torch.tensor(labels.numel())
     else:
-        raise ValueError(f"unknown task kind {kind!r}; allowed: {list(KINDS)}")
+        flat, targets = logits.float(), batch["label"]  # (B, C), (B,)
+        loss_sum = F.cross_entropy(flat, targets, reduction="sum")
+        correct = (flat.argmax(-1) == targets).sum()
+        count = torch.tensor(targets.numel())
     aux = collect_aux_losses(model)
-    stats = BatchStats(float(loss_sum.detach()), float(correct), float(count),
-                       {name: float(loss.value.detach()) for name, loss in aux.items()}, 1 if aux else 0)
+    aux_values = {name: float(loss.value.detach()) for name, loss in aux.items()}
+    task_term = loss_sum
+    if distill is not None:
+        with torch.no_grad():
+            teacher = model_logits(distill.teacher, batch, kind).float()
+        teacher = teacher.flatten(0, 1)[real] if kind == "language_model" else teacher
+        tau = distill.temperature
+        kl_sum = F.kl_div(F.log_softmax(flat / tau, dim=-1), F.log_softmax(teacher / tau, dim=-1),
+                          log_target=True, reduction="sum")
+        task_term = distill.alpha * tau * tau * kl_sum + (1.0 - distill.alpha) * loss_sum
+        aux_values["distill_kl"] = float(kl_sum.detach()) / max(float(count), 1.0)
+    stats = BatchStats(float(loss_sum.detach()), float(correct), float(count), aux_values, 1 if aux_values else 0)
     weighted = weighted_aux_loss(aux)
-    objective = loss_sum if weighted is None else loss_sum + weighted * count
+    objective = task_term if weighted is None else task_term + weighted * count
     return objective, stats

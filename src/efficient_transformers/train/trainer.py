@@ -5,11 +5,16 @@
 
 A step is one AdamW update from ``accum`` micro-batches of ``batch_size`` examples per process
 (gradients averaged over micro-batches and processes), with linear warm-up then cosine / linear decay,
-gradient clipping and optional bf16 autocast. Every ``eval_every`` steps (and at the last step) the
-model is evaluated on the validation split; the best score (highest accuracy, or lowest bits per byte
+gradient clipping and optional bf16 autocast, or fp16 autocast with a gradient scaler (`--fp16`: a step
+whose scaled gradients overflow is skipped; skips are counted in metrics.jsonl and the results). Every
+``eval_every`` steps (and at the last step) the model is evaluated on the validation split; the best score (highest accuracy, or lowest bits per byte
 for language models) keeps its weights in ``best.safetensors``, and when training ends those weights
 are evaluated on the test split. Metrics go to ``metrics.jsonl``; checkpoints (see `checkpoint`) every
 ``checkpoint_every`` steps.
+
+With `teacher` the objective is knowledge distillation (`objective.Distillation`); with `init_from` the
+model starts from another run's best weights, and with `adapters` only adapters / LoRA (plus norms and
+the task head) train, the base frozen, and `adapters.safetensors` holds them apart (see `transfer`).
 
 Exact resume: the data order is a function of (seed, step) (`sampling`), the learning rate a function
 of the step (`optim`), and a checkpoint holds the weights, the optimiser state, every process's RNG
@@ -37,9 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import RESUME_MAY_CHANGE, TrainConfig
 from .distributed import DistEnv, resolve_device
+from . import transfer
 from .objective import (
     METRIC_DIRECTION,
     BatchStats,
+    Distillation,
     batch_statistics,
     build_model,
     check_mechanism_fits,
@@ -49,6 +56,12 @@ from .objective import (
 from .optim import build_optimizer, learning_rate, set_learning_rate
 from .progress import MetricsLog, ProgressBar, is_terminal
 from .sampling import ExampleStream, MicroBatchPlan, eval_shards, majority_baseline
+from ..models.adapters import adapter_state, add_adapters, parameter_counts
+
+#: the gradient scaler's first scale with --fp16 (PyTorch's default)
+FP16_INIT_SCALE = 2.0**16
+#: a forward pass whose loss stays non-finite this many steps in a row under --fp16 is divergence, not overflow
+FP16_MAX_NONFINITE_STEPS = 10
 
 
 def dropout_seed(seed: int, rank: int) -> int:
@@ -112,9 +125,35 @@ class Trainer:
                 raise ValueError(f"task {task.name!r}: the {name} split is empty; "
                                  f"training needs at least one {name} example (check --num-{name} and --data)")
         self.model_spec = model_config(config, task, self.max_len)
+        self.transfer: dict[str, Any] = {}
+        base = transfer.read_run(config.init_from, "--init-from") if config.init_from else None
+        teacher = transfer.read_run(config.teacher, "--teacher") if config.teacher else None
+        for info, flag in ((base, "--init-from"), (teacher, "--teacher")):
+            if info is not None and info.path.resolve() == self.out_dir.resolve():
+                raise ValueError(f"{flag} {info.path} is this run's own --out folder; allowed: another run's folder")
+        if base is not None:
+            transfer.check_base_architecture(base, self.model_spec)
+        if teacher is not None:
+            transfer.check_teacher(teacher, config.task, self.model_spec, self.max_len)
         torch.manual_seed(config.seed)
-        self.model = build_model(self.model_spec).to(self.device)
+        self.model = build_model({k: v for k, v in self.model_spec.items() if k != "adapters"})
+        if base is not None:
+            self.transfer["init_from"] = transfer.load_base_weights(self.model, base, base.config.task == config.task)
+        self.distill: Distillation | None = None
+        if teacher is not None:
+            teacher_model = transfer.load_run_model(teacher, self.device)
+            for p in teacher_model.parameters():
+                p.requires_grad_(False)
+            self.distill = Distillation(teacher_model, config.distill_temperature, config.distill_alpha)
+            if base is None:
+                init = transfer.distilbert_init(self.model, teacher_model, self.model_spec, teacher.model_config)
+                if init is not None:
+                    self.transfer["distilbert_init"] = init
+        if config.adapters is not None:
+            add_adapters(self.model, config.adapters)
+        self.model = self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE, enabled=config.fp16)
         self.plan = MicroBatchPlan(ExampleStream(len(splits["train"]), config.seed), config.batch_size,
                                    self.env.rank, self.env.world_size)
         self.metrics = MetricsLog(self.out_dir / ckpt.METRICS_FILE, enabled=self.env.is_main)
@@ -125,6 +164,9 @@ class Trainer:
         self.window_steps = 0
         self.elapsed_before = 0.0
         self._last_loss: float | None = None
+        self.skipped_steps = 0  # --fp16: optimiser steps skipped because the scaled gradients overflowed
+        self.window_skipped = 0
+        self.nonfinite_run = 0  # consecutive steps whose forward loss was not finite (--fp16)
 
     # ------------------------------------------------------------------ checks (read-only)
     def _check_out_dir(self) -> None:
@@ -196,19 +238,30 @@ class Trainer:
             last = micro == cfg.accum - 1  # DDP averages gradients over processes after the last one only
             with contextlib.nullcontext() if last or not self.env.distributed else model.no_sync():
                 with self._autocast():
-                    loss_sum, stats = batch_statistics(model, batch, self.task.kind)
-                (loss_sum / max(stats.count, 1.0) / cfg.accum).backward()
+                    loss_sum, stats = batch_statistics(model, batch, self.task.kind, self.distill)
+                self.scaler.scale(loss_sum / max(stats.count, 1.0) / cfg.accum).backward()
             step_stats.add(stats)
-        if not math.isfinite(step_stats.loss_sum):
-            raise FloatingPointError(f"training diverged: the loss is {step_stats.loss_sum} at step {self.step + 1}; "
+        finite = math.isfinite(step_stats.loss_sum)
+        self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
+        if not finite and (not cfg.fp16 or self.nonfinite_run >= FP16_MAX_NONFINITE_STEPS):
+            raise FloatingPointError(f"training diverged: the loss is {step_stats.loss_sum} at step {self.step + 1}"
+                                     f"{f' ({self.nonfinite_run} steps in a row under --fp16)' if cfg.fp16 else ''}; "
                                      f"try a lower --lr or --grad-clip")
+        self.scaler.unscale_(self.optimizer)  # no-op without --fp16
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        scale = self.scaler.get_scale() if cfg.fp16 else None
+        self.scaler.step(self.optimizer)  # skips the update when a scaled gradient overflowed (--fp16)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if scale is not None and self.scaler.get_scale() < scale:  # the scaler backed off: the step was skipped
+            self.skipped_steps += 1
+            self.window_skipped += 1
+            if not finite:
+                step_stats = BatchStats()  # an overflowing forward says nothing about the loss
         self.window.add(step_stats)
         self.window_steps += 1
-        self._last_loss = step_stats.loss_sum / max(step_stats.count, 1.0)
+        self._last_loss = step_stats.loss_sum / max(step_stats.count, 1.0) if step_stats.count else self._last_loss
 
     def _train_batch(self, micro_batch: int) -> dict[str, torch.Tensor]:
         train = self.splits["train"]
@@ -216,7 +269,8 @@ class Trainer:
         return move_batch(self.task.collate(items), self.device)
 
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        dtype = torch.float16 if self.config.fp16 else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=self.config.bf16 or self.config.fp16)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.env.distributed:
@@ -231,7 +285,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             with self._autocast():
-                loss_sum, _ = batch_statistics(self.model, self._train_batch(0), self.task.kind)
+                loss_sum, _ = batch_statistics(self.model, self._train_batch(0), self.task.kind, self.distill)
             loss_sum.backward()
         unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         self.model.zero_grad(set_to_none=True)
@@ -255,10 +309,13 @@ class Trainer:
 
     def _log_train(self, lr: float, elapsed: float) -> None:
         total = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor())).with_local_aux(self.window)
+        extra = {"skipped_steps": self.window_skipped, "skipped_steps_total": self.skipped_steps,
+                 "loss_scale": self.scaler.get_scale()} if self.config.fp16 else {}
         self.metrics.write({"step": self.step, "split": "train", **total.summary(self.metric), "lr": lr,
                             "elapsed": round(elapsed, 3), "steps_averaged": self.window_steps,
-                            "examples_seen": self.plan.position(self.step * self.config.accum).examples_consumed})
-        self.window, self.window_steps = BatchStats(), 0
+                            "examples_seen": self.plan.position(self.step * self.config.accum).examples_consumed,
+                            **extra})
+        self.window, self.window_steps, self.window_skipped = BatchStats(), 0, 0
 
     def _evaluate_and_select(self, lr: float, elapsed: float) -> None:
         result = self.evaluate("val")
@@ -313,6 +370,9 @@ class Trainer:
             "elapsed": elapsed,
             "files": files,
         }
+        if self.config.fp16:
+            state["fp16"] = {"grad_scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps,
+                             "window_skipped": self.window_skipped, "nonfinite_run": self.nonfinite_run}
         ckpt.commit(self.out_dir, state)
 
     def _prepare_out_dir(self) -> None:
@@ -350,6 +410,11 @@ class Trainer:
             torch.cuda.set_rng_state(torch.tensor(state["rng"]["torch_cuda"][self.env.rank], dtype=torch.uint8),
                                      self.device)
         self.metrics.truncate(state["metrics_bytes"])
+        if self.config.fp16 and "fp16" in state:
+            self.scaler.load_state_dict(state["fp16"]["grad_scaler"])
+            self.skipped_steps = state["fp16"]["skipped_steps"]
+            self.window_skipped = state["fp16"]["window_skipped"]
+            self.nonfinite_run = state["fp16"]["nonfinite_run"]
 
     # ------------------------------------------------------------------ the end
     def _finish(self, elapsed: float) -> dict[str, Any]:
@@ -359,6 +424,8 @@ class Trainer:
             best_model = build_model(self.model_spec).to(self.device)
             ckpt.load_weights(self.out_dir / ckpt.BEST_FILE, best_model)
             test = self.evaluate("test", best_model)
+            if self.config.adapters is not None and self.env.is_main:
+                self._save_adapters(best_model)
             self.metrics.write({"step": self.step, "split": "test", **test, "best_step": self.best["step"],
                                 "elapsed": round(elapsed, 3)})
         results = {
@@ -372,6 +439,7 @@ class Trainer:
             "test": test,
             "baseline": self._baseline(),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            **self._technique_results(),
             "world_size": self.env.world_size,
             "elapsed": elapsed,
             "config": self.config.to_json(),
@@ -381,6 +449,30 @@ class Trainer:
         if self.env.is_main:
             ckpt.atomic_write_json(self.out_dir / ckpt.RESULTS_FILE, results)
         return results
+
+    def _technique_results(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        counts = parameter_counts(self.model)
+        if counts["trainable"] != counts["total"]:
+            out["trainable_parameters"] = counts["trainable"]
+            out["trainable_fraction"] = counts["trainable"] / counts["total"]
+        if self.config.fp16:
+            out["skipped_steps"] = self.skipped_steps
+        if self.distill is not None:
+            out["distillation"] = {"teacher": self.config.teacher, "temperature": self.config.distill_temperature,
+                                   "alpha": self.config.distill_alpha,
+                                   "teacher_parameters": sum(p.numel() for p in self.distill.teacher.parameters())}
+        out.update(self.transfer)
+        return out
+
+    def _save_adapters(self, best_model: nn.Module) -> None:
+        """What fine-tuning trained (the adapters, norms and head of the best weights), apart from the base."""
+        meta = {"adapters": self.config.adapters, "base": str(self.config.init_from), "task": self.config.task,
+                "model_config": json.dumps(self.model_spec, sort_keys=True), "step": str(self.best["step"])}
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(best_model).items()}
+        from safetensors.torch import save as save_bytes
+
+        ckpt.atomic_write_bytes(self.out_dir / ckpt.ADAPTERS_FILE, save_bytes(tensors, metadata=meta))
 
     def _baseline(self) -> dict[str, Any] | None:
         """The majority-class baseline (classification and retrieval tasks)."""
