@@ -9,4 +9,3 @@ from . import longformer  # noqa: F401
 from . import bigbird  # noqa: F401
 from . import image_transformer  # noqa: F401
 from . import sparse_transformer  # noqa: F401
-from . import axial  # noqa: F401
