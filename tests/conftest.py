@@ -9,6 +9,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 def _greedy_by_full_forwards(lm, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -55,3 +56,25 @@ def aux_reporting_vanilla(monkeypatch):
         return plain(self, q, k, v, mask, state, **extra)
 
     monkeypatch.setattr(VanillaAttention, "_attend", _attend)
+
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns:
+    `with largest_tensor() as mode: ...; mode.largest` (for "no tensor grows with N^2" checks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return result
+
+
+@pytest.fixture
+def largest_tensor():
+    return LargestTensor

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficient_transformers.core import reference_attention
 from efficient_transformers.core.block_sparse import (
@@ -312,28 +311,15 @@ def test_float64_stays_float64_and_outputs_are_stored_heads_last():
 
 
 # ----------------------------------------------------------------------------- memory structure
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for t in result if isinstance(result, (tuple, list)) else [result]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return result
 
 
-def test_backward_keeps_only_q_k_v_out_and_lse_and_no_tensor_grows_with_n_squared():
+def test_backward_keeps_only_q_k_v_out_and_lse_and_no_tensor_grows_with_n_squared(largest_tensor):
     B, H, n, d, b = 1, 2, 4096, 8, 32
     q, k, v = qkv(B, H, n, n, d, seed=15, dtype=torch.float32)
     layout = BlockLayout.banded(b, n, left=48, right=48)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-        with _LargestTensor() as forward_mode:
+        with largest_tensor() as forward_mode:
             out, lse = block_sparse_attention(q, k, v, layout, score_budget=2**16)
     saved_bytes = sum(t.numel() * t.element_size() for t in packed)
     io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, out, lse))
@@ -341,7 +327,7 @@ def test_backward_keeps_only_q_k_v_out_and_lse_and_no_tensor_grows_with_n_square
     plan = out.grad_fn.plan  # the layout's integers, kept on the context
     plan_bytes = sum(t.untyped_storage().nbytes() for t in vars(plan).values() if isinstance(t, torch.Tensor))
     assert plan_bytes <= 8 * 4 * n * H, "the layout's indices are O(N)"
-    with _LargestTensor() as backward_mode:
+    with largest_tensor() as backward_mode:
         torch.autograd.grad((out.sum(), lse.sum()), (q, k, v))
     largest = max(forward_mode.largest, backward_mode.largest)
     assert largest <= max(2**16 * d // b, B * H * n * d) * 2, f"a {largest}-element tensor for N = {n}"
