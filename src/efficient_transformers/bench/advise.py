@@ -53,7 +53,8 @@ from .. import __version__ as PACKAGE_VERSION
 from .. import registry
 from . import analysis, harness
 from .benchfile import BenchFileError, check_same_machine, load_bench_file
-from .command import _length_list, _name_list, _threads
+from ..argtypes import length_list as _length_list, name_list as _name_list, positive_float
+from ..argtypes import positive_int as _positive_int, threads as _threads
 from .runner import QUICK_EFFORT, _cpu_name, load_average, machine_is_busy, run_benchmark
 
 MODES = {"train": "train", "inference": "forward"}  # advise's names -> the benchmark's modes
@@ -97,14 +98,10 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------- the command
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+
+
+_megabytes = positive_float("number of MiB")
+_seconds = positive_float("number of seconds")
 
 
 def _one_length(text: str) -> int:
@@ -114,24 +111,8 @@ def _one_length(text: str) -> int:
     return values[0]
 
 
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {text!r}")
-    return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -17,43 +17,15 @@ import sys
 import torch
 
 from . import harness
+from ..argtypes import length_list as _length_list, name_list as _name_list, threads as _threads
 from .runner import (DEFAULT_LENGTHS, FULL_EFFORT, QUICK_EFFORT, QUICK_LENGTHS, load_average, machine_is_busy,
                      run_benchmark)
 
 
-def _name_list(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated names like 'vanilla,performer', got {text!r}")
-    return names
 
 
-def _length_list(text: str) -> list[int]:
-    values = []
-    for token in text.split(","):
-        token = token.strip().lower()
-        scale = 1024 if token.endswith("k") else 1
-        try:
-            value = int(token[:-1] if scale > 1 else token) * scale
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(
-                f"bad length {token!r} in {text!r}: expected positive integers like '1024,4096' (or '1k,4k')")
-        values.append(value)
-    return values
 
 
-def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"bad thread count {text!r}: expected a positive int or 'auto'")
-    return value
 
 
 def _mode_list(text: str) -> list[str]:

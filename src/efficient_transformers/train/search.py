@@ -93,6 +93,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..argtypes import finite_float as _finite_float, fraction, non_negative_int as _non_negative_int
+from ..argtypes import positive_float, positive_int as _positive_int, positive_int_list as _int_list
 from .. import __version__ as PACKAGE_VERSION
 from .. import registry
 from . import checkpoint as ckpt
@@ -832,54 +834,18 @@ def build_report(study: Any, stored: dict[str, Any], settings: Settings, *, stud
 
 
 # ---------------------------------------------------------------------------------------- the command
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 <= value < 1):
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) (0: no early stop), got {text!r}")
-    return value
 
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    return value
+
+
+_positive_float = positive_float()
+_fraction = fraction("fraction in [0, 1) (0: no early stop)")
 
 
 def _dropout(text: str) -> float:
@@ -889,15 +855,10 @@ def _dropout(text: str) -> float:
     return value
 
 
-def _int_list(text: str) -> list[int]:
-    values = [_positive_int(t.strip()) for t in text.split(",") if t.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like '1,2,4', got {text!r}")
-    return values
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from ..bench.command import _name_list, _threads
+    from ..argtypes import name_list as _name_list, threads as _threads
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (__doc__ or "").split("\n\n")[0] + "\n\n" + (__doc__ or "").split("\n\n")[1]
