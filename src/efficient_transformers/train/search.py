@@ -81,7 +81,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import math
 import re
 import shlex
 import sys
