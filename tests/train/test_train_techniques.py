@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import efficient_transformers as et
 from efficient_transformers.cli import main
 from efficient_transformers.models.adapters import load_adapters
-from efficient_transformers.train import Trainer, TrainConfig
+from efficient_transformers.train import Trainer
 from efficient_transformers.train import trainer as trainer_module
 from efficient_transformers.train.evaluate import evaluate_run
 from efficient_transformers.train.objective import Distillation, batch_statistics
