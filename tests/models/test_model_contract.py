@@ -57,6 +57,9 @@ def test_classifier_marks_its_cls_token_global_when_the_mechanism_takes_global_t
 
 
 def test_a_global_mask_is_refused_for_mechanisms_without_global_tokens():
+    lm = et.TransformerLM(vocab_size=9, dim=8, depth=1, heads=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="vanilla: this mechanism has no global tokens"):
+        lm(torch.randint(0, 9, (2, 6)), global_mask=torch.ones(2, 6, dtype=torch.bool))
     clf = et.TransformerClassifier(9, 2, dim=8, depth=1, heads=2)
     with pytest.raises(ValueError, match="vanilla: this mechanism has no global tokens"):
         clf(torch.randint(0, 9, (2, 6)), global_mask=torch.ones(2, 6, dtype=torch.bool))

@@ -73,14 +73,15 @@ class TransformerLM(nn.Module):
         if tie_embeddings:
             self.head.weight = self.embed.tokens.weight
 
-    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """tokens (B, N) long -> logits (B, N, vocab_size). After a forward, `aux_losses()` gives the
-        attention layers' auxiliary losses (see `core.aux_losses`)."""
+    def forward(self, tokens: Tensor, mask: Tensor | None = None, global_mask: Tensor | None = None) -> Tensor:
+        """tokens (B, N) long -> logits (B, N, vocab_size). `global_mask` (B, N) bool reaches every
+        attention layer (mechanisms that take global tokens in causal mode; the others refuse it).
+        After a forward, `aux_losses()` gives the layers' auxiliary losses (see `core.aux_losses`)."""
         check_tokens(tokens, self.vocab_size)
         self._check_length(tokens.shape[1])
         reset_aux_losses(self)
         x = self.embed(tokens)  # (B, N, dim)
-        return self.logits(self.stack(x, mask))  # (B, N, V)
+        return self.logits(self.stack(x, mask, global_mask=global_mask))  # (B, N, V)
 
     def logits(self, h: Tensor) -> Tensor:
         """Final hidden states (..., dim) -> logits (..., V)."""
