@@ -19,9 +19,9 @@ TINY = ["--task", "listops", "--attention", "vanilla", "--max-len", "48", "--dim
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")
 
 
-def _torchrun(nproc: int, *argv: str) -> list[str]:
+def _torchrun(nproc: int, *argv: str, command: str = "train") -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return [*launcher, "-m", "efficient_transformers", "train", *argv]
+    return [*launcher, "-m", "efficient_transformers", command, *argv]
 
 
 def _start(cmd, env):
@@ -74,3 +74,17 @@ def test_two_processes_match_one_process_and_resume_exactly(tmp_path, eft_comman
     vb = [r for r in run_helpers.metrics(single) if r["split"] == "val"]
     assert [r["loss"] for r in va] == pytest.approx([r["loss"] for r in vb], rel=1e-4)
     assert [r["examples"] for r in va] == [16, 16]
+
+
+def test_distillation_runs_data_parallel(tmp_path, eft_command, child_env):
+    """`eft distill` is a trainer run like any other: two processes train the student from one teacher."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    _finish(_start([*eft_command, "train", *TINY, "--depth", "2", "--batch-size", "8", "--out", str(teacher)], child_env))
+    _finish(_start(_torchrun(2, "--teacher", str(teacher), "--attention", "linear_transformer", "--steps", "4",
+                             "--batch-size", "4", "--eval-every", "2", "--log-every", "2", "--progress", "off",
+                             "--out", str(student), command="distill"), child_env))
+    results = json.loads((student / "results.json").read_text())
+    assert results["world_size"] == 2
+    train = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["split"] == "train"] == [2, 4]
+    assert all(r["aux/distill_kl"] >= 0 for r in train if r["split"] == "train")
