@@ -9,3 +9,4 @@ from . import longformer  # noqa: F401
 from . import bigbird  # noqa: F401
 from . import image_transformer  # noqa: F401
 from . import sparse_transformer  # noqa: F401
+from . import reformer  # noqa: F401
