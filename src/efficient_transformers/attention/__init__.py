@@ -10,3 +10,4 @@ from . import bigbird  # noqa: F401
 from . import image_transformer  # noqa: F401
 from . import sparse_transformer  # noqa: F401
 from . import reformer  # noqa: F401
+from . import set_transformer  # noqa: F401
