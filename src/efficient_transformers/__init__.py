@@ -9,10 +9,10 @@ in one tested PyTorch package, measured on memory and compute.
 """
 
 from .models import TransformerClassifier, TransformerEncoder, TransformerLM
-from .models import RetrievalModel
+from .models import RetrievalModel, SetTransformer
 from .models.quantize import quantize
 from .registry import Card, build_attention, card, mechanisms
 
 __version__ = "0.1.0"
 
-__all__ = ["Card", "RetrievalModel", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "build_attention", "card", "mechanisms", "quantize"]
+__all__ = ["Card", "RetrievalModel", "SetTransformer", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "build_attention", "card", "mechanisms", "quantize"]

@@ -107,3 +107,19 @@ def test_models_collect_aux_losses_over_layers_and_calls(aux_reporting_vanilla):
     retrieval.encoder(b)
     second = collect_aux_losses(retrieval)["value_energy"].value - first
     torch.testing.assert_close(both, first + second)
+
+
+def test_pma_pooling_is_the_set_transformers_pma_over_the_real_outputs():
+    torch.manual_seed(0)
+    clf = et.TransformerClassifier(9, 2, dim=16, depth=1, heads=2, pooling="pma", positional="none").double()
+    tokens = torch.randint(0, 9, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    encoder = clf.encoder
+    h = encoder.stack(encoder.embed(tokens).double(), mask)
+    torch.testing.assert_close(encoder(tokens, mask), encoder.pma(h, mask)[:, 0])
+    order = torch.randperm(5)
+    shuffled, shuffled_mask = tokens.clone(), mask.clone()
+    shuffled[1, :5] = tokens[1, order]
+    shuffled[1, 5:] = 3  # other padding content
+    torch.testing.assert_close(clf(shuffled, shuffled_mask)[1], clf(tokens, mask)[1])  # a set: order-free

@@ -6,5 +6,6 @@ from .blocks import FeedForward, TransformerBlock, TransformerStack
 from .classifier import TransformerClassifier, TransformerEncoder
 from .lm import TransformerLM
 from .retrieval import RetrievalModel
+from .set_transformer import ISAB, MAB, PMA, SAB, SetTransformer
 
-__all__ = ["FeedForward", "RetrievalModel", "TransformerBlock", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "TransformerStack"]
+__all__ = ["FeedForward", "ISAB", "MAB", "PMA", "RetrievalModel", "SAB", "SetTransformer", "TransformerBlock", "TransformerClassifier", "TransformerEncoder", "TransformerLM", "TransformerStack"]

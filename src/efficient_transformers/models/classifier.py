@@ -3,7 +3,8 @@
     [CLS] + tokens -> embedding + positions -> depth x block -> pool -> 2-layer ReLU MLP -> logits
 
 pooling="cls" prepends a learned CLS embedding and reads its output (LRA's choice); pooling="mean"
-averages the outputs of real tokens. Padding (mask False) never influences real positions or the pool.
+averages the outputs of real tokens; pooling="pma" is the Set Transformer's pooling by multihead
+attention, PMA_1 (one learned seed attends the real outputs, then MAB's rFF and LayerNorm). Padding (mask False) never influences real positions or the pool.
 
 Global tokens: with a mechanism that takes them (card `global_tokens`, e.g. Longformer), the CLS
 token is marked global (it attends to all and all attend to it), and `forward(tokens, mask,
@@ -30,10 +31,11 @@ from torch import Tensor, nn
 
 from ..core.aux_losses import AuxLoss, collect_aux_losses, reset_aux_losses
 from ..registry import card
+from .set_transformer import PMA
 from .blocks import TransformerStack, check_data_shape, check_tokens, resolve_positional
 from .embedding import Embedder
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "pma")
 
 
 class TransformerEncoder(nn.Module):
@@ -58,6 +60,7 @@ class TransformerEncoder(nn.Module):
         self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len + extra, dropout=dropout,
                               embedding_dim=embedding_dim)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if pooling == "cls" else None
+        self.pma = PMA(dim, heads, num_seeds=1) if pooling == "pma" else None  # Set Transformer's pooling
         self.stack = TransformerStack(
             dim, depth, heads, attention=attention, attention_options=attention_options, causal=False,
             norm=norm, ff_mult=ff_mult, dropout=dropout, max_seq_len=max_seq_len + extra,
@@ -84,6 +87,8 @@ class TransformerEncoder(nn.Module):
                 global_mask = torch.cat([one if self.global_cls else ~one, rest], dim=1)  # (B, 1 + N)
             return self.stack(x, mask, global_mask=global_mask)[:, 0]  # (B, dim)
         h = self.stack(self.embed(tokens), mask, global_mask=global_mask)  # (B, N, dim)
+        if self.pma is not None:
+            return self.pma(h, mask)[:, 0]  # (B, dim): one learned seed attends the real outputs
         if mask is None:
             return h.mean(dim=1)
         w = mask.to(h.dtype)[..., None]  # (B, N, 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DECAYS = ("cosine", "linear", "constant")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "pma")
 
 #: Fields a resumed run may set differently from the checkpointed one.
 RESUME_MAY_CHANGE = ("steps", "eval_every", "checkpoint_every", "log_every", "device", "progress", "out")
