@@ -11,3 +11,4 @@ from . import image_transformer  # noqa: F401
 from . import sparse_transformer  # noqa: F401
 from . import reformer  # noqa: F401
 from . import set_transformer  # noqa: F401
+from . import axial  # noqa: F401
