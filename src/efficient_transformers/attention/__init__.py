@@ -12,3 +12,4 @@ from . import sparse_transformer  # noqa: F401
 from . import reformer  # noqa: F401
 from . import set_transformer  # noqa: F401
 from . import axial  # noqa: F401
+from . import memory_compressed  # noqa: F401
