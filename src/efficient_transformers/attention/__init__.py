@@ -13,3 +13,4 @@ from . import reformer  # noqa: F401
 from . import set_transformer  # noqa: F401
 from . import axial  # noqa: F401
 from . import memory_compressed  # noqa: F401
+from . import routing  # noqa: F401
