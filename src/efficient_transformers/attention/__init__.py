@@ -9,8 +9,9 @@ from . import longformer  # noqa: F401
 from . import bigbird  # noqa: F401
 from . import image_transformer  # noqa: F401
 from . import sparse_transformer  # noqa: F401
-from . import reformer  # noqa: F401
-from . import set_transformer  # noqa: F401
 from . import axial  # noqa: F401
 from . import memory_compressed  # noqa: F401
+from . import reformer  # noqa: F401
+from . import set_transformer  # noqa: F401
+from . import sinkhorn  # noqa: F401
 from . import routing  # noqa: F401
