@@ -78,3 +78,23 @@ class LargestTensor(TorchDispatchMode):
 @pytest.fixture
 def largest_tensor():
     return LargestTensor
+
+
+def _attend_matches_dense_pattern(layer, q, k, v, mask, atol=1e-10):
+    """layer.attend equals reference_attention on layer.dense_mask(N) at the real positions, outputs and
+    q/k/v gradients (float64 inputs with requires_grad)."""
+    from efficient_transformers.core import reference_attention
+
+    out, _ = layer.attend(q, k, v, mask)
+    ref = reference_attention(q, k, v, pattern=layer.dense_mask(q.shape[-2]), key_mask=mask)
+    real = mask[:, None, :, None].expand_as(ref).to(ref.dtype)  # outputs at padded positions are unspecified
+    torch.testing.assert_close(out * real, ref * real, atol=atol, rtol=atol)
+    w = torch.randn_like(out) * real
+    for got, expected in zip(torch.autograd.grad((out * w).sum(), (q, k, v)),
+                             torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(got, expected, atol=atol, rtol=atol)
+
+
+@pytest.fixture
+def attend_matches_dense_pattern():
+    return _attend_matches_dense_pattern

@@ -21,18 +21,13 @@ from efficient_transformers.models.adapters import (
 )
 from efficient_transformers.models.quantize import Int8Linear, int8_supported, model_nbytes
 
-DIM, HEADS, VOCAB, MAXLEN = 16, 2, 13, 32
+from tiny_models import DIM, VOCAB, tiny_model  # noqa: E402  (tests/models/tiny_models.py)
 CASES = [(c.name, causal) for c in et.mechanisms() for causal in c.modes]
 IDS = [f"{n}-{'causal' if c else 'bidir'}" for n, c in CASES]
 
 
 def tiny(name: str, causal: bool, seed: int = 0, depth: int = 2, **kw):
-    torch.manual_seed(seed)
-    common = dict(dim=DIM, depth=depth, heads=HEADS, attention=name, max_seq_len=MAXLEN,
-                  attention_options=et.card(name).small_options(causal), **kw)
-    if causal:
-        return et.TransformerLM(vocab_size=VOCAB, **common)
-    return et.TransformerClassifier(VOCAB, 3, **common)
+    return tiny_model(name, causal, seed, depth, **kw)
 
 
 def forward(model, causal: bool, tokens, mask):
