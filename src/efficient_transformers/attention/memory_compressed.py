@@ -42,8 +42,10 @@ attention of the local layers after construction:
 [{"mode": "local"}, {}, ...]`, would make this a constructor argument.)
 
 **Cost.** Compressed: O(N N_c d) = O(N^2 d / k) time (the survey's O(N_c^2)); the conv O(N d^2).
-Memory O(N d), no N x N_c score tensor on any path: bidirectional, the dense attention of N queries
-over N_c slots runs in PyTorch's fused SDPA kernel (O(N d) memory in backward); causal, the slot part
+Memory O(N d), no N x N_c score tensor or mask on any path: bidirectional, the dense attention of N
+queries over N_c slots runs in PyTorch's fused SDPA kernel (O(N d) memory in backward), or, when some
+slot is masked (padding), in `core.block_sparse` with every slot block in every query block's row,
+which needs no (N, N_c) mask; causal, the slot part
 runs in `core.block_sparse` (online softmax over key blocks, scores recomputed in backward) and the
 recent part is O(N k). Local: O(N b d) time, O(N d) memory (block-sparse).
 
@@ -107,7 +109,8 @@ from torch import Tensor, nn
 
 from ..core import AttentionLayer, PositionedKVCache, dense_attention, masked_softmax, pad_to_multiple, zero_padded
 from ..core import options as opt
-from ..core.block_sparse import DEFAULT_SCORE_BUDGET, NO_BLOCK, BlockLayout, block_sparse_attention, merge_by_lse, window_blocks
+from ..core.block_sparse import (DEFAULT_SCORE_BUDGET, NO_BLOCK, BlockLayout, block_sparse_attention, global_blocks,
+                                 merge_by_lse, window_blocks)
 from ..registry import Card, register
 
 MODES = ("compressed", "local")
@@ -224,7 +227,14 @@ class MemoryCompressedAttention(AttentionLayer):
             )
         if not self.causal:
             slot_k, slot_v, slot_mask = self._compress(k, v, mask)  # (B, H, N_c, d) x 2, (B, N_c) | None
-            return dense_attention(q, slot_k, slot_v, key_mask=slot_mask), None
+            if slot_mask is None:  # nothing masked: the fused SDPA kernel, O(N d) memory
+                return dense_attention(q, slot_k, slot_v), None
+            # with padding, SDPA would need an (N, N_c) mask: every query block attends every slot
+            # block through the block-sparse primitive instead (online softmax, scores recomputed)
+            tile = self._tile
+            layout = BlockLayout(tile, global_blocks(-(-q.shape[-2] // tile), range(-(-slot_k.shape[-2] // tile)),
+                                                      device=q.device))
+            return block_sparse_attention(q, slot_k, slot_v, layout, slot_mask)[0], None
         if state is not None:
             return self._decode(q, k, v, mask, state)
         return self._causal(q, k, v, mask)
