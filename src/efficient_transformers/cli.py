@@ -21,6 +21,7 @@ import importlib
 import json
 import sys
 
+from .formatting import aligned_table
 from .registry import mechanisms
 
 SUBCOMMANDS = {
@@ -38,10 +39,7 @@ def models_table() -> str:
     rows = [("Model", "Year", "Complexity", "Decode", "Class")]
     for c in mechanisms():
         rows.append((c.title, str(c.year), c.complexity, "yes" if c.causal else "no", "+".join(c.classes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+    return aligned_table(rows[0], rows[1:])
 
 
 def _run_models(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import textwrap
 import warnings
 from typing import Any
 
+from .formatting import aligned_table
 from . import registry
 
 DECODING_MEANING = {
@@ -234,9 +235,7 @@ def _bench_text(b: dict[str, Any]) -> list[str]:
                      _num(r["peak_mem_mb"], 1),
                      "—" if r["mem_ratio_vs_vanilla"] is None else f"{r['mem_ratio_vs_vanilla']:.2f}×",
                      _num(r["gflops_per_s"], 1)])
-    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
-    out += [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    out += aligned_table(header, rows).split("\n")
     for mode, summary in b["summary"].items():
         slope = lambda key: "—" if summary.get(key) is None else f"{summary[key]:.2f}"  # noqa: E731
         cross = summary.get("crossover_len")

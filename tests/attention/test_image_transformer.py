@@ -9,6 +9,8 @@ from efficient_transformers.attention.image_transformer import ImageTransformerA
 from efficient_transformers.core import reference_attention
 
 DIM, HEADS, D = 16, 2, 8
+
+from per_head_inputs import qkv  # noqa: E402  (tests/attention/per_head_inputs.py)
 NAME = "image_transformer"
 
 
@@ -17,9 +19,6 @@ def build(causal, **options):
     return et.build_attention(NAME, DIM, HEADS, causal, **options).double()
 
 
-def qkv(batch, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, HEADS, n, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
 
 
 def holes(batch, n, seed=2):

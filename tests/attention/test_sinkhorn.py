@@ -17,6 +17,8 @@ from efficient_transformers.core import reference_attention
 DIM, HEADS, D = 16, 2, 8
 F64 = torch.float64
 
+from per_head_inputs import padding, qkv  # noqa: E402  (tests/attention/per_head_inputs.py)
+
 
 def build(causal=False, seed=0, **options):
     torch.manual_seed(seed)
@@ -27,18 +29,8 @@ def build(causal=False, seed=0, **options):
     return layer
 
 
-def qkv(batch, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, HEADS, n, D, generator=g, dtype=F64, requires_grad=True) for _ in range(3)]
 
 
-def padding(batch, n, seed=2):
-    mask = torch.ones(batch, n, dtype=torch.bool)
-    mask[1, n - n // 3:] = False
-    if batch > 2:
-        mask[2] = torch.rand(n, generator=torch.Generator().manual_seed(seed)) > 0.3
-        mask[2, 0] = True
-    return mask
 
 
 # ----------------------------------------------------------------------------- the naive reference

@@ -53,6 +53,7 @@ from .. import __version__ as PACKAGE_VERSION
 from .. import registry
 from . import analysis, harness
 from .benchfile import BenchFileError, check_same_machine, load_bench_file
+from ..formatting import aligned_table
 from ..argtypes import length_list as _length_list, name_list as _name_list, positive_float
 from ..argtypes import positive_int as _positive_int, threads as _threads
 from .runner import QUICK_EFFORT, _cpu_name, load_average, machine_is_busy, run_benchmark
@@ -622,11 +623,6 @@ def table_rows(advice: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _plain_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
 
 def _source_line(advice: dict[str, Any]) -> str:
     src = advice["source"]
@@ -647,7 +643,7 @@ def text_report(advice: dict[str, Any]) -> str:
     settings = Settings(**{k: v for k, v in s.items() if k in Settings.__dataclass_fields__})
     budget = f", budget {s['max_memory_mb']:g} MiB" if s["max_memory_mb"] is not None else ""
     out = [f"eft advise: {settings.describe()}{budget}", _source_line(advice), ""]
-    out.append(_plain_table(*table_rows(advice)))
+    out.append(aligned_table(*table_rows(advice)))
     out += ["", "time: median per step; vs vanilla: paired ratio to exact attention at the same N (below 1 is "
             "better); peak: memory of one step above parameters and inputs; crossover: N where the mechanism "
             "becomes faster than exact attention (≈ fitted through the measured lengths, ext. = outside them); "

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..formatting import json_safe
 from .. import registry
 from . import analysis, harness, report
 from .memory import ProbeServer, reset_cpu_high_water_mark
@@ -263,7 +264,7 @@ class _Benchmark:
             result = self._result()
             self.config["files"] = ["bench.json", "bench.md"] + report.write_plots(result, self.out, self.config["notes"])
             (self.out / "bench.md").write_text(report.markdown(result))
-            result = _finite(result)
+            result = json_safe(result)
             self._write_json(result)
             self.bar.update(description=f"done: {self.out}/")
             self.bar.close()
@@ -298,7 +299,7 @@ class _Benchmark:
 
     def _write_json(self, result: dict[str, Any]) -> None:
         tmp = self.out / "bench.json.tmp"
-        tmp.write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
+        tmp.write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
         tmp.replace(self.out / "bench.json")
 
     # ------------------------------------------------------------------ one (N, mode) block
@@ -405,15 +406,3 @@ def _fail(row: dict[str, Any], status: str, message: str) -> None:
     row["status"], row["error"] = status, message
     for key in ("time_ms", "time_spread", "time_ratio_vs_vanilla", "speedup_vs_vanilla", "gflops_per_s", "matmul_fraction"):
         row[key] = None
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become null (bench.json must parse everywhere)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-

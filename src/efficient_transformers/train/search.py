@@ -92,6 +92,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..formatting import json_safe
 from ..argtypes import finite_float as _finite_float, fraction, non_negative_int as _non_negative_int
 from ..argtypes import positive_float, positive_int as _positive_int, positive_int_list as _int_list
 from .. import __version__ as PACKAGE_VERSION
@@ -99,7 +100,7 @@ from .. import registry
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .progress import ProgressBar
-from .search_report import (CONSTRAINT_FLAG, STATUSES, UNIT, _finite, _show, _summary_line, best_row, closest_text,
+from .search_report import (CONSTRAINT_FLAG, STATUSES, UNIT, _show, _summary_line, best_row, closest_text,
                             pareto_front, text_report, train_command, write_outputs)
 
 STUDY_ATTR = "eft_search"  # the study's user attribute holding settings, space, machine
@@ -751,7 +752,7 @@ def optimize(study: Any, run: SearchRun, space: dict[str, Any], total: int, *, p
                 state, values = TrialState.FAIL, None
                 attrs = {"status": "error", "reason": f"{type(err).__name__}: {err}"[:500]}
             trial.set_user_attr("status", attrs.get("status"))
-            trial.set_user_attr("eft", _finite({k: v for k, v in attrs.items() if k != "status"}))
+            trial.set_user_attr("eft", json_safe({k: v for k, v in attrs.items() if k != "status"}))
             study.tell(trial, values, state=state if values is None else None)
             ran += 1
             if "duplicate_of" in attrs:
@@ -1003,7 +1004,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{where}; run the same command to resume. Report so far: {files} in {out}/", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(_finite(report), indent=1))
+        print(json.dumps(json_safe(report), indent=1))
     else:
         print(text_report(report))
     say(f"wrote {files} to {out}/")
@@ -1070,7 +1071,7 @@ def _create(optuna, storage, study_name: str, directions: list[str], settings: S
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "version": PACKAGE_VERSION,
     }
     study = optuna.create_study(storage=storage, study_name=study_name, directions=directions)
-    study.set_user_attr(STUDY_ATTR, _finite(stored))
+    study.set_user_attr(STUDY_ATTR, json_safe(stored))
     return stored
 
 

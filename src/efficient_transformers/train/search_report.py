@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..formatting import aligned_table, json_safe
 from .config import TrainConfig
 
 STATUSES = ("complete", "hopeless", "constraint", "error", "interrupted")
@@ -117,11 +118,6 @@ def _table(rows: list[dict[str, Any]], metric: str, *, with_status: bool) -> tup
     return header, body
 
 
-def _plain(header: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in body])
-
 
 def _md(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
@@ -162,7 +158,7 @@ def text_report(report: dict[str, Any]) -> str:
     out = [f"eft search: study {c['study_name']} in {c['storage']}", _settings_line(report), _summary_line(report), ""]
     if report["pareto_front"]:
         out += ["Pareto front (validation metric against training-step latency):",
-                _plain(*_table(report["pareto_front"], metric, with_status=False)), ""]
+                aligned_table(*_table(report["pareto_front"], metric, with_status=False)), ""]
     best = report["best"]
     if best:
         out += [f"Best within the constraints: #{best['number']} {best['label']}: validation {METRIC_NAME[metric]} "
@@ -262,18 +258,9 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
         report["config"]["files"].append("search.png")
     (out / "search.md").write_text(markdown(report), encoding="utf-8")
     tmp = out / "search.json.tmp"
-    tmp.write_text(json.dumps(_finite(report), indent=1, allow_nan=False), encoding="utf-8")
+    tmp.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False), encoding="utf-8")
     tmp.replace(out / "search.json")
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def closest_text(entries: list[dict[str, Any]], constraints: dict[str, float], limit: int = 3) -> list[str]:
