@@ -24,10 +24,11 @@ def qkv(B, N, seed=1):
     return [torch.randn(B, HEADS, N, D, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
-def naive(layer, q, k, v, mask):
+def naive(layer, q, k, v, mask, once=True):
     """The paper's pattern built element by element: per round the keys in the query's own or previous
     chunk (causal: chunks cut per bucket, rank in bucket // c; bidirectional: global sort by (bucket,
-    position), pads last), no self, union over rounds with multiplicity N_ij; alone -> v_i."""
+    position), pads last), no self, union over rounds, each key counted once however many rounds
+    hold it (the paper's duplicate correction, exp(s_ij - log N_ij) per round); alone -> v_i."""
     B, H, N, _ = q.shape
     kn = F.normalize(k, dim=-1)
     buckets = layer.hash(kn)  # (B, H, R, N)
@@ -55,7 +56,8 @@ def naive(layer, q, k, v, mask):
                             if j != i and mask[b, j] and chunk[i] - chunk[j] in (0, 1):
                                 count[i, j] += 1
             s = q[b, h] @ kn[b, h].T / math.sqrt(D)  # (N, N)
-            w = torch.where(count > 0, count * torch.exp(s - s.max()), torch.zeros_like(s))
+            w = torch.where(count > 0, torch.exp(s - s.max()), torch.zeros_like(s))  # each key once (the paper)
+            w = w if once else w * count  # (without the correction: a key weighs once per round that holds it)
             for i in range(N):
                 if w[i].sum() > 0:
                     out[b, h, i] = (w[i] / w[i].sum()) @ v[b, h]
@@ -105,6 +107,26 @@ def test_rounds_equal_the_naive_union_over_explicit_windows(causal, N, c):
     ref = naive(layer, q, k, v, mask)
     real = mask[:, None, :, None].expand_as(ref)
     torch.testing.assert_close(out[real], ref[real], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_duplicate_pairs_count_once_in_values_and_gradients(causal):
+    N, c = 14, 2
+    layer = build(causal, n_buckets=2, bucket_size=c, n_hashes=4)  # few buckets: many pairs in several rounds
+    q, k, v = (x.requires_grad_() for x in qkv(2, N, seed=5))
+    mask = padded_mask(2, N)
+    out, _ = layer.attend(q, k, v, mask)
+    ref = naive(layer, q, k, v, mask)
+    real = mask[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-10, rtol=1e-10)
+    weight = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3)) * real
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    # the correction matters here: the multiplicity-weighted union (no correction) differs
+    uncorrected = naive(layer, q, k, v, mask, once=False)
+    assert (uncorrected - ref)[real].abs().max() > 1e-3
 
 
 def test_self_is_attended_only_when_nothing_else_is():

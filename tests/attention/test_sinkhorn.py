@@ -272,6 +272,21 @@ def test_parameters_are_sized_from_max_seq_len_not_from_the_call():
     assert {name: tuple(p.shape) for name, p in layer.named_parameters()} == shapes
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_without_gumbel_noise_training_changes_no_buffer_and_equals_eval(causal):
+    # the card says updates_buffers_in_training (true with gumbel_noise=True), so the conformance suite
+    # skips this check; at the default (no noise) it must hold
+    x = torch.randn(2, 19, DIM)
+    layer = et.build_attention("sinkhorn", DIM, HEADS, causal, block_size=4, max_seq_len=64)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.train()
+    y_train = layer(x)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    layer.eval()
+    assert torch.equal(y_train, layer(x))
+    assert et.card("sinkhorn").updates_buffers_in_training
+
+
 def test_gumbel_noise_only_in_training_from_the_seeded_draws():
     x = torch.randn(2, 19, DIM)
     a = et.build_attention("sinkhorn", DIM, HEADS, block_size=4, max_seq_len=64, gumbel_noise=True)

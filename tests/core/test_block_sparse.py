@@ -368,3 +368,60 @@ def test_bad_layouts_and_inputs_are_rejected():
         block_sparse_attention(q, k, v, BlockLayout(2, window_blocks(4, 1, 1)), torch.ones(1, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="dtype"):
         block_sparse_attention(q, k.float(), v, BlockLayout(2, window_blocks(4, 1, 1)))
+
+
+# ----------------------------------------------------------------------------- relative-position biases
+@pytest.mark.parametrize("case", ["band", "shifted_band", "positions", "block_constant", "shared_table"])
+def test_relative_bias_equals_dense_attention_with_the_clipped_label_biases(case):
+    """s_ij + table[h, clamp(pos_k - pos_q, -c, c) + c] against the dense reference: the band's shared
+    tile, per-item positions (labels per pair), positions constant within blocks (one label per block
+    row / column), a table shared by the heads; outputs, lse and the gradients of q, k, v and the table."""
+    B, H, n, d, b, c = 2, 3, 29, 5, 4, 3
+    nk = 23 if case == "block_constant" else n
+    q, k, v = qkv(B, H, n, nk, d, seed=21)
+    g = torch.Generator().manual_seed(22)
+    table = torch.randn(1 if case == "shared_table" else H, 2 * c + 1, generator=g, dtype=F64).requires_grad_()
+    key_mask = torch.rand(B, nk, generator=g) > 0.2
+    if case in ("band", "shared_table"):
+        layout = BlockLayout.banded(b, n, 6, 5)
+    elif case == "shifted_band":  # queries attend keys two blocks ahead: a band of blocks with offset 2
+        layout = BlockLayout(b, window_blocks(-(-n // b), 0, 1) + 2)
+    elif case == "positions":
+        qp, kp = torch.randint(-9, 9, (B, 1, n), generator=g), torch.randint(-9, 9, (B, 1, nk), generator=g)
+        layout = BlockLayout(b, global_blocks(-(-n // b), [0, 2, 5, 7]), query_positions=qp, key_positions=kp,
+                             band=(5, 4))
+    else:  # segment ids, constant over each query block and each key block
+        qp = (torch.arange(n) // (2 * b))[None, None]
+        kp = (torch.arange(nk) // b)[None, None]
+        layout = BlockLayout(b, global_blocks(-(-n // b), range(-(-nk // b))), query_positions=qp, key_positions=kp)
+    qpos = torch.arange(n) if layout.query_positions is None else layout.query_positions
+    kpos = torch.arange(nk) if layout.key_positions is None else layout.key_positions
+    labels = (kpos[..., None, :] - qpos[..., :, None]).clamp(-c, c) + c  # (B?, 1?, Nq, Nk)
+    labels = labels.reshape((1,) * (4 - labels.dim()) + tuple(labels.shape)).expand(B, H, n, nk)
+    heads = torch.arange(H).view(1, H, 1, 1) if table.shape[0] > 1 else torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    bias = table[heads.expand(B, H, n, nk), labels]  # (B, H, Nq, Nk)
+    allowed = allowed_pairs(layout, n, nk, key_mask)
+    scale = 1 / math.sqrt(d)
+    scores = (q @ k.transpose(-1, -2) * scale + bias).masked_fill(~allowed, -math.inf)
+    ref_lse = torch.logsumexp(scores, dim=-1)
+    ref_out = torch.exp(scores - ref_lse.masked_fill(ref_lse == -math.inf, 0.0)[..., None]) @ v
+    out, lse = block_sparse_attention(q, k, v, layout, key_mask, relative_bias=table)
+    inputs = [q, k, v, table]
+    for got, expected in zip(outputs_and_grads(out, lse, inputs), outputs_and_grads(ref_out, ref_lse, inputs)):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_relative_bias_paths_and_bad_tables():
+    """The band's labels are one tile, block-constant positions one label per block; bad tables are refused."""
+    from efficient_transformers.core.block_sparse import _plan
+
+    q, k, v = qkv(1, 2, 16, 16, 4, seed=23)
+    band = _plan(q, k, BlockLayout.banded(4, 16, 3, 3), None, 2**20, bias_clip=2).bias
+    assert band.tile is not None and band.tile.shape == (4, 3 * 4)
+    segments = (torch.arange(16) // 8)[None, None]
+    constant = _plan(q, k, BlockLayout(4, global_blocks(4, range(4)), query_positions=segments), None, 2**20,
+                     bias_clip=1).bias
+    assert constant.tile is None and constant.query_positions.shape[-3:] == (1, 1, 1)
+    for bad in (torch.zeros(2, 4, dtype=F64), torch.zeros(3, 5, dtype=F64), torch.zeros(2, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match="relative_bias must be a floating tensor"):
+            block_sparse_attention(q, k, v, BlockLayout.banded(4, 16, 3, 3), relative_bias=bad)

@@ -15,3 +15,4 @@ from . import reformer  # noqa: F401
 from . import set_transformer  # noqa: F401
 from . import sinkhorn  # noqa: F401
 from . import routing  # noqa: F401
+from . import etc  # noqa: F401

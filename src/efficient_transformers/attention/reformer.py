@@ -26,25 +26,25 @@ layout (own chunk, previous chunk if it is of the same bucket) and the original 
 Bidirectional: the paper's global sort by (bucket, position), fixed chunks of c over the sorted
 order, own + previous chunk attended regardless of bucket (as the paper; no wrap-around from the
 first chunk to the last, unlike trax); padded tokens form the last bucket, key-masked, so real
-tokens' chunks do not depend on padded content. The self rule is exact: two block-sparse calls on
-the sorted order, with sorted indices t as positions: (previous + own chunk, keys with u < t) and
-(own chunk, keys with u > t), merged by log-sum-exp.
+tokens' chunks do not depend on padded content. The self rule is exact: a `PairExclusion` on the
+token ids drops the pair (t, t).
 
-Hash rounds are combined through their log-sum-exp weights (`merge_by_lse`). DEPARTURE, the
-duplicate correction: the paper subtracts log N_ij (N_ij = number of rounds in which j is attended
-by i) from s_ij so that a key seen in several rounds counts once. That is a per-pair term, which
-`core.block_sparse` cannot express (its element rules are layout + key mask + one positional
-interval). This layer therefore computes the multiplicity-weighted union,
-
-    out_i = sum_j N_ij exp(s_ij) v_j / sum_j N_ij exp(s_ij)
-
-(reformer-pytorch's default `allow_duplicate_attention=True`); with n_hashes = 1 it is exactly the
-paper's. The needed core change (an exclusion rule "mask pairs with low <= kc_j - qc_i <= high" on
-extra integer codes, so round r can drop the keys already seen in rounds r' < r) is in the report.
+Hash rounds and the duplicate correction (the paper's): out_i is one softmax over the *union* of the
+rounds' key sets, each key counted once however many rounds hold it (the paper subtracts log N_ij,
+N_ij = number of rounds in which i attends j, from s_ij in every round; summing the rounds by their
+log-sum-exp weights then counts the pair once). Here round r instead *excludes* the pairs already
+attended in an earlier round r' < r (a `PairExclusion` per earlier round on its chunk codes: j was in
+i's own or previous chunk of round r' iff code_i - code_j in {0, 1}), so the rounds' pair sets are
+disjoint and their merge is exactly that softmax. All rounds run through one
+`gathered_block_sparse_attention` call: each round is a pass over its sorted (or per-bucket chunked)
+order, read from q, k, v by index, merged per token by log-sum-exp.
 
 Cost: O(n_hashes N c d) time (causal: each bucket padded to a multiple of c, at most
-(n_buckets + 1)(c - 1) empty slots more), O(n_hashes N d) memory (the kernel recomputes the scores in
-backward; the sorted copies of q, k, v are what autograd keeps). No N x N tensor.
+(n_buckets + 1)(c - 1) empty slots more; round r also evaluates r exclusion codes per pair);
+O(N d) memory: the gathered primitive keeps no sorted copy of q, k, v and no per-round output
+(autograd keeps the projections, the normalised keys, the merged output and lse, and the rounds'
+integer plans, O(n_hashes N)); hashing runs one round at a time ((B, H, N, n_buckets / 2) scores).
+No N x N tensor.
 
 Decoding (card "kv_cache"): the state keeps, per token, its key, value, position and per-round
 (bucket, rank in bucket), and per round the count of real tokens per bucket. A future query of bucket
@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import AttentionLayer, SeededDraws
+from ..core import AttentionLayer, SeededDraws, heads_last
 from ..core import options as opt
-from ..core.block_sparse import NO_BLOCK, BlockLayout, block_sparse_attention, merge_by_lse
+from ..core.block_sparse import NO_BLOCK, BlockLayout, GatheredPass, PairExclusion, gathered_block_sparse_attention
 from ..registry import Card, register
 
 _BIG = 2**40
@@ -140,11 +140,6 @@ def _slots(bucket: Tensor, rank: Tensor, c: int, num_buckets: int):
     return slot_of_token, slot_token, slot_used, token_chunk, prev
 
 
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, H, T, f), index (B, H, L) -> (B, H, L, f)."""
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))
-
-
 @register(
     Card(
         name="reformer",
@@ -160,9 +155,9 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
         test_options={"bucket_size": 4, "n_hashes": 2, "n_buckets": 4, "max_seq_len": 256},
         notes=(
             "causal mode chunks each bucket separately (exactly causal, decoding equals the forward); "
-            "hash rounds are merged by log-sum-exp without the paper's duplicate correction (a key seen "
-            "in k rounds weighs k times; exact for n_hashes=1); decoding keeps per round and bucket the "
-            "last two chunks' tokens"
+            "hash rounds are merged by log-sum-exp with the paper's duplicate correction (a key held by "
+            "several rounds counts once: later rounds exclude earlier rounds' pairs); decoding keeps per "
+            "round and bucket the last two chunks' tokens"
         ),
     )
 )
@@ -195,8 +190,15 @@ class ReformerAttention(AttentionLayer):
         if self.n_buckets == 1:
             return torch.zeros(B, H, self.n_hashes, T, dtype=torch.long, device=k.device)
         rot = self.rotations.to(device=k.device, dtype=torch.float64 if k.dtype == torch.float64 else torch.float32)
-        x = torch.einsum("bhtd,rdk->bhrtk", k.detach().to(rot.dtype), rot)  # (B, H, R, T, nb / 2)
-        return torch.cat([x, -x], dim=-1).argmax(-1)
+        k = k.detach().to(rot.dtype)
+        half = rot.shape[-1]
+        buckets = torch.empty(B, H, self.n_hashes, T, dtype=torch.long, device=k.device)
+        for r in range(self.n_hashes):  # one round at a time: (B, H, T, nb / 2) scores, not R of them
+            x = torch.matmul(k, rot[r])  # (B, H, T, nb / 2)
+            high, low = x.max(-1), x.min(-1)
+            # argmax([x; -x]) without the concatenation: the first half wins ties, as argmax's first index
+            buckets[:, :, r] = torch.where(high.values >= -low.values, high.indices, low.indices + half)
+        return buckets
 
     # ------------------------------------------------------------------ attention
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: ReformerState | None):
@@ -214,74 +216,80 @@ class ReformerAttention(AttentionLayer):
     def _self_rule(self, out: Tensor, lse: Tensor, v: Tensor, real: Tensor) -> Tensor:
         """A real query with no other key attends itself (the paper's large negative self-score)."""
         alone = (lse == float("-inf")) & real[:, None, :]  # (B, H, T)
-        return torch.where(alone[..., None], v.to(out.dtype), out)
-
-    def _merge(self, results):
-        out, lse = results[0]
-        for o, s in results[1:]:
-            out, lse = merge_by_lse(out, lse, o, s)
-        return out, lse
+        if not bool(alone.any()):
+            return out  # (stored heads-last: the head merge stays a view)
+        fixed = heads_last(out).copy_(out)  # one copy, heads-last (torch.where would give two: it and the merge)
+        fixed[alone] = v[alone].to(out.dtype)
+        return fixed
 
     def _bidirectional(self, q, k, v, real):
         B, H, T, _ = q.shape
         c = self.bucket_size
         buckets = self.hash(k).masked_fill(~real[:, None, None, :], self.n_buckets)  # pads: the last bucket
         pos = torch.arange(T, device=q.device)
-        nq = -(-T // c)
-        ids = torch.arange(nq, device=q.device)
-        both = BlockLayout(c, torch.stack([torch.where(ids > 0, ids - 1, NO_BLOCK), ids], -1)[None],
-                           query_positions=pos, key_positions=pos + 1, causal=True)  # keys u < t
-        own = BlockLayout(c, ids[None, :, None], query_positions=pos, key_positions=pos - 1,
-                          band=(0, 2 * c))  # keys u > t
-        results = []
+        ids = torch.arange(-(-T // c), device=q.device)
+        blocks = torch.stack([torch.where(ids > 0, ids - 1, NO_BLOCK), ids], -1)[None]  # (1, nq, 2): previous, own
+        passes, chunks = [], []  # chunks[r']: (B, H, T) the chunk of each token in round r'
         for r in range(self.n_hashes):
             order = torch.argsort(buckets[:, :, r] * T + pos, dim=-1)  # (B, H, T): (bucket, position) order
-            qs, ks, vs = (_gather_tokens(x, order) for x in (q, k, v))  # (B, H, T, d) sorted
-            key_mask = real[:, None, :].expand(B, H, T).gather(-1, order)  # (B, H, T)
-            o1, l1 = block_sparse_attention(qs, ks, vs, both, key_mask)
-            o2, l2 = block_sparse_attention(qs, ks, vs, own, key_mask)
-            o, s = merge_by_lse(o1, l1, o2, l2)  # (B, H, T, dv), (B, H, T) in sorted order
-            inverse = torch.empty_like(order).scatter_(-1, order, pos.expand(B, H, T))
-            results.append((_gather_tokens(o, inverse), s.gather(-1, inverse)))
-        return self._merge(results)
+            # the self rule (token u == t) and the duplicate correction: drop the pairs of earlier rounds,
+            # where key j was in query i's own or previous chunk (chunk_i - chunk_j in {0, 1})
+            rules = [PairExclusion(order, order, 0, 0)]
+            rules += [PairExclusion(ch.gather(-1, order), ch.gather(-1, order), -1, 0) for ch in chunks]
+            key_mask = real[:, None, :].expand(B, H, T).gather(-1, order)  # (B, H, T) in sorted order
+            passes.append(GatheredPass(BlockLayout(c, blocks, exclusions=tuple(rules)), order, key_mask=key_mask))
+            chunks.append(torch.empty_like(order).scatter_(-1, order, pos.expand(B, H, T)) // c)
+        return gathered_block_sparse_attention(q, k, v, passes)
 
-    def _round(self, q, k, v, key_pos, key_real, bucket, rank, query_tokens=None, query_pos=None):
-        """One hash round over tokens (k, v, key_pos (T,), key_real (B, H, T), bucket/rank (B, H, T))
-        in the per-bucket chunked order. Queries: the same tokens (query_tokens None), or new queries q
-        (B, H, n, d) at positions query_pos (n,) whose tokens are query_tokens (n,) indices into the keys.
-        Returns (out, lse) per query."""
+    def _round(self, key_pos, key_real, bucket, rank, earlier_codes, query_tokens=None, query_pos=None):
+        """The pass of one hash round over tokens (key_pos (T,), key_real (B, H, T), bucket/rank (B, H, T))
+        in the per-bucket chunked order. Queries: the same tokens (query_tokens None), or new queries at
+        positions query_pos (n,) whose tokens are query_tokens (n,) indices into the keys, each its own
+        query block. earlier_codes: the codes of the earlier rounds (pairs already attended there are
+        excluded); this round's code is appended: code = chunk + bucket, so that key j is in query i's own
+        or previous chunk of the same bucket iff code_i - code_j in {0, 1} (buckets two codes apart)."""
         c, nbk = self.bucket_size, self.n_buckets + 1
-        B, H, T, _ = k.shape
+        B, H, T = bucket.shape
         slot_of_token, slot_token, slot_used, token_chunk, prev = _slots(bucket, rank, c, nbk)
-        ks, vs = _gather_tokens(k, slot_token), _gather_tokens(v, slot_token)  # (B, H, L, d)
         spos = key_pos[slot_token]  # (B, H, L)
-        key_mask = key_real.gather(-1, slot_token) & slot_used
+        key_index = torch.where(slot_used, slot_token, -1)  # (B, H, L): -1 = an empty slot
+        key_mask = key_real.gather(-1, slot_token)
+        key_codes = [code.gather(-1, slot_token) for code in earlier_codes]  # (B, H, L) each
         if query_tokens is None:
             num_chunks = prev.shape[-1]
-            ids = torch.arange(num_chunks, device=k.device).expand(B, H, num_chunks)
+            ids = torch.arange(num_chunks, device=bucket.device).expand(B, H, num_chunks)
             blocks = torch.stack([prev, ids], -1)  # (B, H, nL, 2)
-            layout = BlockLayout(c, blocks, query_positions=2 * spos, key_positions=2 * spos + 1, causal=True)
-            out, lse = block_sparse_attention(_gather_tokens(q, slot_token), ks, vs, layout, key_mask)
-            return _gather_tokens(out, slot_of_token), lse.gather(-1, slot_of_token)
-        own = token_chunk[:, :, query_tokens]  # (B, H, n): each new query is its own query block
-        blocks = torch.stack([prev.gather(-1, own), own], -1)  # (B, H, n, 2)
-        qpos = (2 * query_pos).repeat_interleave(c)  # (n c,)
-        layout = BlockLayout(c, blocks, query_positions=qpos, key_positions=2 * spos + 1, causal=True)
-        out, lse = block_sparse_attention(q.repeat_interleave(c, dim=2), ks, vs, layout, key_mask)
-        return out[:, :, ::c], lse[:, :, ::c]
+            rules = tuple(PairExclusion(codes, codes, -1, 0) for codes in key_codes)
+            layout = BlockLayout(c, blocks, query_positions=2 * spos, key_positions=2 * spos + 1, causal=True,
+                                 exclusions=rules)
+            result = GatheredPass(layout, key_index, key_index, key_mask)
+        else:
+            n = query_tokens.shape[0]
+            own = token_chunk[:, :, query_tokens]  # (B, H, n): each new query is its own query block
+            blocks = torch.stack([prev.gather(-1, own), own], -1)  # (B, H, n, 2)
+            qpos = (2 * query_pos).repeat_interleave(c)  # (n c,)
+            query_slots = torch.full((n, c), -1, dtype=torch.long, device=bucket.device)
+            query_slots[:, 0] = torch.arange(n, device=bucket.device)  # new query t in slot t c, the rest empty
+            rules = tuple(PairExclusion(code[:, :, query_tokens].repeat_interleave(c, dim=-1), codes, -1, 0)
+                          for code, codes in zip(earlier_codes, key_codes))
+            layout = BlockLayout(c, blocks, query_positions=qpos, key_positions=2 * spos + 1, causal=True,
+                                 exclusions=rules)
+            result = GatheredPass(layout, query_slots.view(1, 1, n * c), key_index, key_mask)
+        earlier_codes.append(token_chunk + bucket)
+        return result
 
     def _causal_full(self, q, k, v, real, buckets):
         B, H, T, _ = q.shape
         nb = self.n_buckets
         pad = ~real[:, None, :].expand(B, H, T)
         pos = torch.arange(T, device=q.device)
-        results, ranks = [], []
+        passes, ranks, codes = [], [], []
         for r in range(self.n_hashes):
             bucket = buckets[:, :, r].masked_fill(pad, nb)  # padded tokens: a bucket of their own
             rank = _ranks_by_sort(bucket, nb + 1)
             ranks.append(rank)
-            results.append(self._round(q, k, v, pos, ~pad, bucket, rank))
-        out, lse = self._merge(results)
+            passes.append(self._round(pos, ~pad, bucket, rank, codes))
+        out, lse = gathered_block_sparse_attention(q, k, v, passes)
         out = self._self_rule(out, lse, v, real)
         counts = torch.zeros(B, H, self.n_hashes, nb + 1, dtype=torch.long, device=q.device)
         counts.scatter_add_(-1, buckets.masked_fill(pad[:, :, None], nb), (~pad)[:, :, None].long().expand_as(buckets))
@@ -304,13 +312,13 @@ class ReformerAttention(AttentionLayer):
         cached_live = state.ranks >= floor.gather(-1, state.buckets)  # (B, H, R, m)
         live = torch.cat([cached_live, torch.ones_like(buckets, dtype=torch.bool)], -1) & all_real[:, :, None]
         query_tokens = torch.arange(m, m + n, device=q.device)
-        results = []
+        passes, codes = [], []
         for r in range(self.n_hashes):
             dead = ~live[:, :, r]
             bucket = all_buckets[:, :, r].masked_fill(dead, nb)  # others: the unattended bucket
             rank = torch.where(dead, dead.long().cumsum(-1) - 1, all_ranks[:, :, r])
-            results.append(self._round(q, all_k, all_v, all_pos, ~dead, bucket, rank, query_tokens, new_pos))
-        out, lse = self._merge(results)
+            passes.append(self._round(all_pos, ~dead, bucket, rank, codes, query_tokens, new_pos))
+        out, lse = gathered_block_sparse_attention(q, all_k, all_v, passes)
         out = self._self_rule(out, lse, v, real)
         counts = state.counts + (F.one_hot(buckets, nb) * new_real[..., None]).sum(-2)
         new_state = ReformerState(all_k, all_v, all_pos, torch.cat([state.real, real], 1), all_buckets, all_ranks,

@@ -14,7 +14,8 @@ and each query attends only the keys routed to its cluster, with the ordinary so
 
 Cost: O(N k d) to score, O(N w d) to attend with clusters of w = N / k tokens: k = sqrt(N) gives the
 paper's O(N^1.5 d). Memory O(N d + N k): no N x N tensor; the attention runs through
-`core.block_sparse` on the tokens gathered into cluster order, the outputs are scattered back. The
+`core.block_sparse.gathered_block_sparse_attention` on the cluster order given by index tensors (no
+gathered copy of q, k, v is kept; outputs come back in token order, merged by log-sum-exp). The
 normalisation and the scores carry no gradient; the commitment loss is a small autograd Function
 that keeps only the assignment and recomputes LN(x) in its backward pass.
 
@@ -22,16 +23,17 @@ that keeps only the assignment and recomputes LN(x) in its backward pass.
 queries and, separately, its top w keys by score (padding scores -inf: a padded token is never
 chosen over a real one, and padded keys are masked). Query cluster c is block c of a gathered order
 of k w queries, attending key block c of the gathered keys (a block-sparse call with blocks of w and
-one slot per block). Clusters overlap: a query chosen by several centroids attends the union, as a
-multiset, of their key sets; its per-cluster outputs are merged exactly by their log-sum-exp,
+one slot per block, one pass of the gathered primitive). Clusters overlap: a query chosen by several
+centroids attends the union, as a multiset, of their key sets; its per-cluster outputs are merged
+exactly by their log-sum-exp,
 
     out_i = sum_c exp(lse_ic - LSE_i) out_ic,    LSE_i = log sum_c exp(lse_ic),
 
 i.e. softmax attention with weight m_ij exp(s_ij), m_ij = the number of clusters that hold query i
 and key j (1 for almost every pair). A real query chosen by no centroid (balancing leaves some out)
 joins its nearest centroid's cluster: these queries are sorted by (nearest cluster, position), each
-cluster's share padded to whole blocks of w, and a second block-sparse call lets each block attend
-its cluster's w keys. The tests build m_ij from a naive top-k per centroid and compare with dense
+cluster's share padded to whole blocks of w, and a second pass lets each block attend its
+cluster's w keys. The tests build m_ij from a naive top-k per centroid and compare with dense
 attention weighted by it.
 
 **Causal (exactly causal, ALGORITHMS.md section 4).** Top-w balancing looks at the whole sequence,
@@ -110,7 +112,7 @@ from torch import Tensor
 
 from ..core import AttentionLayer, PositionedKVCache, dense_attention, heads_last
 from ..core import options as opt
-from ..core.block_sparse import NO_BLOCK, BlockLayout, block_sparse_attention
+from ..core.block_sparse import NO_BLOCK, BlockLayout, GatheredPass, block_sparse_attention, gathered_block_sparse_attention
 from ..registry import Card, register
 
 NEG_INF = float("-inf")
@@ -283,23 +285,19 @@ class RoutingAttention(AttentionLayer):
         k_index = k_scores.transpose(-1, -2).topk(w, dim=-1).indices.flatten(2)  # (B, Hr, K w)
         nearest_q = q_scores.argmax(-1)  # (B, Hr, N)
         del q_scores, k_scores
-        gather = lambda t, i: t.gather(2, i[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
-        keys, values = gather(k, k_index), gather(v, k_index)  # (B, Hr, K w, d)
         key_mask = real[:, None, :].expand(B, Hr, n).gather(2, k_index)  # (B, Hr, K w)
         layout = BlockLayout(w, torch.arange(K, device=q.device)[None, :, None])  # cluster c -> key block c
-        out1, lse1 = block_sparse_attention(gather(q, q_index), keys, values, layout, key_mask)  # (B, Hr, K w, .)
+        passes = [GatheredPass(layout, q_index, k_index, key_mask)]  # query slot block c: cluster c's queries
         # real queries chosen by no centroid join their nearest one
         members = torch.zeros(B, Hr, n, device=q.device).scatter_add_(2, q_index, torch.ones_like(q_index, dtype=torch.float))
         left_out = (members == 0) & real[:, None, :]  # (B, Hr, N)
-        pieces = [(q_index, out1, lse1)]
         if bool(left_out.any()):
-            bucket = torch.where(left_out, nearest_q, K)  # (B, Hr, N): K = not in the second call
+            bucket = torch.where(left_out, nearest_q, K)  # (B, Hr, N): K = not in the second pass
             slot_of, source, block_bucket = _bucket_slots(bucket, K, w)
             blocks = torch.where(block_bucket < K, block_bucket, NO_BLOCK)[..., None]  # (B, Hr, nb, 1)
-            q2 = gather(q, source.clamp(min=0))  # (B, Hr, nb w, d)
-            out2, lse2 = block_sparse_attention(q2, keys, values, BlockLayout(w, blocks), key_mask)
-            pieces.append((source, out2, lse2.masked_fill(source < 0, NEG_INF)))
-        return _merge_memberships(pieces, B, Hr, n, d, q.dtype)
+            passes.append(GatheredPass(BlockLayout(w, blocks), source, k_index, key_mask))
+        # each (pass, slot) of a query adds its cluster's keys to the query's softmax: the merge by lse
+        return gathered_block_sparse_attention(q, k, v, passes)[0]
 
     # -- causal: nearest centroid, per-cluster chunks
     def _causal_routing(self, q: Tensor, v: Tensor, real: Tensor, state: RoutingState | None, update: bool):
@@ -326,12 +324,9 @@ class RoutingAttention(AttentionLayer):
         valid = (ranks >= 0) & (ranks <= beta[..., None]) & (block_bucket[..., None] < K)
         blocks = torch.where(valid, first[..., None] + ranks, NO_BLOCK)  # (B, Hr, nb, S)
         positions = source.clamp(min=0)  # (B, Hr, L): the original positions of the slots
-        gather = lambda t: t.gather(2, positions[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
-        qs, vs = gather(q), gather(v)  # (B, Hr, L, d)
         layout = BlockLayout(b, blocks, query_positions=positions, key_positions=positions, causal=True)
-        out_s, _ = block_sparse_attention(qs, qs, vs, layout, source >= 0)  # (B, Hr, L, d)
-        L = source.shape[-1]
-        out = _take_slots(out_s, slot_of, L)  # (B, Hr, N, d): zeros for padded tokens
+        # one pass over the slots (q is also the key); a padded token has no slot: output 0
+        out, _ = gathered_block_sparse_attention(q, q, v, [GatheredPass(layout, source)])  # (B, Hr, N, d)
         return out, (None, None, None, None, (q.detach(), v.detach(), bucket))
 
     def _ring_from_sequence(self, q, v, bucket):
@@ -449,39 +444,6 @@ def _first_blocks(bucket: Tensor, num_buckets: int, b: int) -> tuple[Tensor, Ten
     counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
     chunks = -(-counts[..., :num_buckets] // b)
     return chunks.cumsum(-1) - chunks, chunks
-
-
-def _take_slots(out_s: Tensor, slot_of: Tensor, L: int) -> Tensor:
-    """out_s (B, H, L, d) in slot order -> (B, H, N, d) in token order; zeros for tokens with no slot."""
-    has = slot_of < L
-    taken = out_s.gather(2, slot_of.clamp(max=L - 1)[..., None].expand(-1, -1, -1, out_s.shape[-1]))
-    return taken * has[..., None].to(taken.dtype)
-
-
-def _merge_memberships(pieces, B: int, H: int, n: int, d: int, dtype) -> Tensor:
-    """Merge per-cluster outputs of the same queries by log-sum-exp.
-
-    pieces: [(token (B, H, M) long, -1 = none; out (B, H, M, d); lse (B, H, M))]. Returns (B, H, N, d):
-    sum over a token's rows of exp(lse - LSE) out, LSE = log sum exp(lse) over its rows; zeros for a
-    token with no attended key. Only (B, H, M) weights are kept for the backward pass."""
-    compute = pieces[0][2].dtype
-    device = pieces[0][1].device
-    tokens = [torch.where(t < 0, n, t) for t, _, _ in pieces]
-    shift = torch.full((B, H, n + 1), NEG_INF, dtype=compute, device=device)
-    for t, (_, _, lse) in zip(tokens, pieces):
-        shift = shift.scatter_reduce(2, t, lse.detach(), reduce="amax")
-    shift = shift.masked_fill_(shift == NEG_INF, 0.0)
-    total = torch.zeros(B, H, n + 1, dtype=compute, device=device)
-    for t, (_, _, lse) in zip(tokens, pieces):
-        total = total.scatter_add(2, t, torch.exp(lse - shift.gather(2, t)))  # 0 where lse = -inf
-    log_total = shift + torch.log(torch.where(total > 0, total, torch.ones_like(total)))  # LSE (0 when none)
-    out = None
-    for t, (_, piece, lse) in zip(tokens, pieces):
-        share = torch.exp(lse - log_total.gather(2, t)).to(piece.dtype)  # (B, H, M): exp(lse - LSE)
-        part = piece * share[..., None]
-        index = t[..., None].expand(-1, -1, -1, d)
-        out = (piece.new_zeros(B, H, n + 1, d) if out is None else out).scatter_add(2, index, part)
-    return out[:, :, :n].to(dtype)
 
 
 def _layer_norm(x: Tensor) -> Tensor:

@@ -74,7 +74,9 @@ Decisions (where this departs from, or fills in, the paper):
 - Gumbel noise (`gumbel_noise`, default False): off by default so that training equals evaluation.
   When on, and only in training, G is drawn from the layer's `SeededDraws` per query-block row i
   (`generator(i)`, (H, M) values of which the first n_B are used; shared by the batch items) and the
-  draw count advances after each training call, so the layer then changes a buffer in training.
+  draw count advances after each training call, so the layer then changes a buffer in training (the
+  card says `updates_buffers_in_training`, so the reversible stack restores the count before it
+  recomputes a block; without the noise, training changes nothing and equals evaluation).
 - SortCut (`sortcut_blocks` = n_s, encoders only): the paper's truncation Y = softmax(Q psi(K)[:n]^T)
   psi(V)[:n]: every query attends the first n_s sorted blocks K~_0 .. K~_{n_s-1} (a budget of n_s b
   keys shared by all queries) and no local block; a call with fewer blocks uses all min(n_s, n_B).
@@ -128,6 +130,9 @@ SCORE_BUDGET = 2**18
         causal=True,
         bidirectional=True,
         decoding="recompute",
+        # with gumbel_noise=True a training call advances the seeded draw count (a buffer); the default
+        # (no noise) leaves every buffer alone and equals eval, as tests/attention/test_sinkhorn.py checks
+        updates_buffers_in_training=True,
         test_options={"block_size": 4, "max_seq_len": 160},
         notes="a later query block's sorted block may mix any earlier block: decoding recomputes on the history",
     )
