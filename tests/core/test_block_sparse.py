@@ -307,7 +307,16 @@ def test_float64_stays_float64_and_outputs_are_stored_heads_last():
     assert out.dtype == F64 and lse.dtype == F64
     assert out.transpose(1, 2).is_contiguous(), "(B, N, H, d) memory: the head merge is a view"
     grads = torch.autograd.grad(out.sum(), (q, k, v))
-    assert all(grad.transpose(1, 2).is_contiguous() for grad in grads)
+    assert grads[0].transpose(1, 2).is_contiguous(), "dQ heads-last"
+    # dK, dV in their inputs' layout: heads-first contiguous keys are the kernel's key table itself, whose
+    # gradient is returned as it is (no N-sized copy); heads-last keys (projection views) get heads-last
+    assert all(grad.is_contiguous() for grad in grads[1:])
+    last = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    out_last, _ = block_sparse_attention(*last, BlockLayout.banded(4, 20, 4, 4))
+    grads_last = torch.autograd.grad(out_last.sum(), last)
+    assert all(grad.transpose(1, 2).is_contiguous() for grad in grads_last)
+    for got, expected in zip(grads_last, grads):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- memory structure

@@ -140,6 +140,24 @@ def _slots(bucket: Tensor, rank: Tensor, c: int, num_buckets: int):
     return slot_of_token, slot_token, slot_used, token_chunk, prev
 
 
+def _chunks_with_previous_first(slot_token: Tensor, slot_used: Tensor, prev: Tensor, c: int):
+    """Renumber the chunks of each (item, head) so that those with a previous chunk of their bucket come
+    first (stable: otherwise in order), and map `prev` through the renumbering. The attention is the
+    same (a chunk's slots, its keys and its previous chunk move together; the exclusion codes keep the
+    original chunk numbers); only the kernel's groups of consecutive query chunks change: about two
+    thirds of the chunks (a bucket's first) have no previous chunk, and a group none of whose chunks has
+    one skips that key slot (no product, no mask) instead of computing it fully masked."""
+    B, H, num_chunks = prev.shape
+    order = torch.sort((prev < 0).to(torch.int8), dim=-1, stable=True).indices  # (B, H, nL): new -> old
+    new_id = torch.empty_like(order).scatter_(-1, order, torch.arange(num_chunks, device=prev.device).expand_as(order))
+    old_prev = prev.gather(-1, order)  # (B, H, nL)
+    prev = torch.where(old_prev >= 0, new_id.gather(-1, old_prev.clamp(min=0)), torch.full_like(old_prev, NO_BLOCK))
+    by_chunk = order[..., None].expand(B, H, num_chunks, c)
+    slot_token = slot_token.view(B, H, num_chunks, c).gather(2, by_chunk).view(B, H, num_chunks * c)
+    slot_used = slot_used.view(B, H, num_chunks, c).gather(2, by_chunk).view(B, H, num_chunks * c)
+    return slot_token, slot_used, prev
+
+
 @register(
     Card(
         name="reformer",
@@ -251,6 +269,8 @@ class ReformerAttention(AttentionLayer):
         c, nbk = self.bucket_size, self.n_buckets + 1
         B, H, T = bucket.shape
         slot_of_token, slot_token, slot_used, token_chunk, prev = _slots(bucket, rank, c, nbk)
+        if query_tokens is None:  # the chunks that have a previous chunk first: see `_chunks_with_previous_first`
+            slot_token, slot_used, prev = _chunks_with_previous_first(slot_token, slot_used, prev, c)
         spos = key_pos[slot_token]  # (B, H, L)
         key_index = torch.where(slot_used, slot_token, -1)  # (B, H, L): -1 = an empty slot
         key_mask = key_real.gather(-1, slot_token)

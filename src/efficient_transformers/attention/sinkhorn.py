@@ -27,14 +27,15 @@ The mixture is quadratic in N with the small constant d / b (at N = 16K, b = 64,
 of the step's 46 GFLOP forward + backward, the projections 26); it is the paper's cost, not a dense
 score matrix.
 
-Memory (forward + backward, measured at dim 256, 4 heads, batch 1, N = 16K: 1.8x SDPA's peak
-bidirectional, 1.9x causal; 3.5x from N = 8K to 32K). The key and
+Memory (forward + backward, measured at dim 256, 4 heads, batch 1, N = 16K: about 1.55x SDPA's peak
+bidirectional, 1.8x causal; 4.2x (bidirectional) and 4.6x (causal) from N = 8K to 32K). The key and
 value tables are written by one autograd Function (`_LocalAndSorted`): the zero-padded keys, then
 P @ blocks written in place into the second half, and autograd keeps only P and the table (whose
 first half is the padded keys the product's backward needs), not a separate padded copy; its
 backward works per (item, head) so its transients are one head's blocks. q is copied once, so that
 the fused projection's (B, N, 3 dim) output is freed after the tables are built (the kernel then
-keeps q, the two tables and the output: 6 N d per head). The kernel runs with a score budget of
+keeps q, the two tables and the output: 6 N d per head); the kernel returns the tables' gradients
+as they are (no heads-last copy, since the tables are its own heads-first key tables). The kernel runs with a score budget of
 2^18 elements (`SCORE_BUDGET`), a quarter of its default, which shrinks its workspace. Sinkhorn
 is checkpointed (each iteration, and the whole loop): autograd would otherwise keep about three
 (B, H, n_B, n_B) tensors per iteration, a term quadratic in N (about 100 MiB at N = 32K); its
@@ -255,8 +256,12 @@ class SinkhornAttention(AttentionLayer):
         # checkpointed: autograd would keep ~3 (B, H, nB, nB) tensors per iteration (at N = 32K, b = 64,
         # 4 heads, 8 iterations about 100 MiB, quadratic in N); recomputed in the backward pass instead,
         # where it runs last, after the kernel's and the tables' gradients are freed
-        P = checkpoint(sinkhorn, logits / self.temperature, support, self.iterations, causal=self.causal,
-                       use_reentrant=False)
+        # one head at a time: the (B, 1, nB, nB) transients of the loop (float64 when causal) are a
+        # quarter of the size; whole-head transients left ~70 MiB of freed but resident heap at N = 16K
+        # (causal, 4 heads), more than the layer's live tensors gained anywhere else
+        scaled = logits / self.temperature  # (B, H, nB, nB)
+        P = torch.cat([checkpoint(sinkhorn, scaled[:, h:h + 1], support, self.iterations, causal=self.causal,
+                                  use_reentrant=False) for h in range(H)], dim=1)  # (B, H, nB, nB)
         return P, support
 
     def _gumbel(self, nb: int, device, dtype) -> Tensor:

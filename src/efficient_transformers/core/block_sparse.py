@@ -291,7 +291,9 @@ class _Plan:
                   without, the additive mask itself (0 or -inf) in the compute dtype
     query_codes:  (Bq, Hq, nq, b, 1) int32 2 pos_q, positional rules only. Then pair (i, j) is allowed iff
                   |key_code_j - query_code_i| <= width = high - low, i.e. low <= pos_k - pos_q <= high
-    groups, slot_chunks: [(start, stop)] of query blocks and of slots, processed together
+    groups, slot_chunks: [(start, stop)] of query blocks, and per group [(start, stop)] of slots, processed
+                  together; a group's chunks skip the slots where no query block of the group (in any
+                  item or head) has a key block (a causal or per-head layout's empty slots: no product)
     masks:        per group, per slot chunk: None, or (slots, rows): the chunk's slots where some pair
                   needs an element mask (pairs of blocks wholly inside the rules need none: most of a
                   band is never masked; None for all of them) and their `mask_rows` (Bm, Hm, G, n)
@@ -312,7 +314,7 @@ class _Plan:
     nk: int
     key_rows: Tensor
     groups: list[tuple[int, int]]
-    slot_chunks: list[tuple[int, int]]
+    slot_chunks: list[list[tuple[int, int]]]
     masks: list[list[tuple[list[int] | None, Tensor] | None]]
     shifted: list[bool]
     band_offset: int = 0
@@ -430,10 +432,10 @@ def _plan(q: Tensor, k: Tensor, layout: BlockLayout, key_mask: Tensor | None, sc
     chunk = max(1, min(S, score_budget // max(1, B * H * b * b)))
     group = max(1, score_budget // max(1, B * H * b * chunk * b))
     groups = [(i, min(i + group, nq)) for i in range(0, nq, group)]
-    slot_chunks = [(s, min(s + chunk, S)) for s in range(0, S, chunk)]
     offset = None if gathered else _band_offset(blocks)
     shifted = [offset is not None and g0 + offset >= 0 and g1 - 1 + offset + S <= nk for g0, g1 in groups]
-    plan = _Plan(b, nq, nk, key_rows, groups, slot_chunks, [[None] * len(slot_chunks) for _ in groups], shifted,
+    slot_chunks = _used_slot_chunks(blocks, groups, S, chunk)
+    plan = _Plan(b, nq, nk, key_rows, groups, slot_chunks, [[None] * len(c) for c in slot_chunks], shifted,
                  band_offset=offset or 0)
     if gathered:
         plan.query_tokens = F.pad(query_index, (0, nq * b - num_queries)).expand(B, H, nq * b)  # (B, H, nq b)
@@ -501,7 +503,7 @@ def _plan(q: Tensor, k: Tensor, layout: BlockLayout, key_mask: Tensor | None, sc
     needs_mask = needs_mask.reshape(-1, *needs_mask.shape[-2:]).any(0)  # (nq, S)
     for gi, (g0, g1) in enumerate(groups):
         per_slot = needs_mask[g0:g1].any(0).tolist()  # (S,)
-        for ci, (s0, s1) in enumerate(slot_chunks):
+        for ci, (s0, s1) in enumerate(slot_chunks[gi]):
             slots = [s - s0 for s in range(s0, s1) if per_slot[s]]
             if 2 * len(slots) > s1 - s0:  # most of the chunk: mask all of it in one pass
                 chosen, index = None, slice(s0, s1)
@@ -620,6 +622,30 @@ def _copy_blocks(out: Tensor, x: Tensor, first: int, scale: float | None = None)
     return out if scale is None else out.mul_(scale)
 
 
+def _is_view_table(table: Tensor, x: Tensor) -> bool:
+    """Whether `table` (from `_key_table(x, ...)`) is a view of x's own storage (no copy was made)."""
+    return table.data_ptr() == x.data_ptr() and x.is_contiguous()
+
+
+def _used_slot_chunks(blocks: Tensor, groups: list[tuple[int, int]], S: int, chunk: int) -> list[list[tuple[int, int]]]:
+    """Per group, its slot chunks (at most `chunk` slots each) trimmed to the slots that some query block
+    of the group, in any item or head, uses (blocks (Bl, Hl, nq, S), -1 = none). An unused slot only
+    adds -inf scores (exactly nothing to the softmax and zero gradients), so skipping it changes no
+    result; a group with no used slot at all keeps its first chunk (its rows get no key, lse -inf)."""
+    used = (blocks >= 0).flatten(0, 1).any(0)  # (nq, S)
+    per_group = torch.stack([used[g0:g1].any(0) for g0, g1 in groups]).tolist() if groups else []  # (groups, S)
+    everything = [(s, min(s + chunk, S)) for s in range(0, S, chunk)]
+    result = []
+    for flags in per_group:
+        chunks = []
+        for s0, s1 in everything:
+            kept = [s for s in range(s0, s1) if flags[s]]
+            if kept:  # trimmed to its first and last used slot (a chunk is one contiguous product)
+                chunks.append((kept[0], kept[-1] + 1))
+        result.append(chunks or everything[:1])
+    return result
+
+
 def _key_table(x: Tensor, b: int, dtype: torch.dtype) -> Tensor:
     """x (B, H, N, f) as the head-major table of its blocks (B H nk, b, f) in `dtype`: a view when x is
     contiguous, of that dtype and N a multiple of b; otherwise one zero-padded copy."""
@@ -639,7 +665,7 @@ class _KeyBlocks:
     an overlapping strided view (G, C b, f) of the key table: no copy; `torch.bmm` reads it in place."""
 
     def __init__(self, table: Tensor | _Rows, plan: _Plan, group: int, chunk: int, work: _Workspace, name: str):
-        (g0, g1), (s0, s1), b = plan.groups[group], plan.slot_chunks[chunk], plan.block
+        (g0, g1), (s0, s1), b = plan.groups[group], plan.slot_chunks[group][chunk], plan.block
         B, H, G, f = plan.key_rows.shape[0], plan.key_rows.shape[1], g1 - g0, table.shape[-1]
         self.views, self.width = None, f
         if isinstance(table, _Rows):  # a gathered call: read the keys of each slot by token
@@ -695,8 +721,11 @@ def _mask_(scores: Tensor, plan: _Plan, group: int, chunk: int) -> Tensor:
         for (key_codes, query_codes, width, _), ex_rows in zip(plan.exclusions, exclusion_rows):
             Be, He = ex_rows.shape[:2]
             ex_codes = key_codes.index_select(0, ex_rows.reshape(-1)).view(Be, He, G, 1, n * b)
-            outside = (ex_codes - query_codes[:, :, g0 : g0 + G]).abs_().gt_(width)  # (B?, H?, G, b, n b): kept
-            inside = inside * outside.to(scores.dtype)
+            outside = (ex_codes - query_codes[:, :, g0 : g0 + G]).abs_().gt_(width)  # (B?, H?, G, b, n b) int 1: kept
+            if inside.shape == torch.broadcast_shapes(inside.shape, outside.shape):
+                inside.mul_(outside)  # in place, no float copy of `outside` (a pass fewer per exclusion)
+            else:
+                inside = inside * outside
         bias = (inside - 1).div_(inside)  # 1 -> 0, 0 -> -inf (vectorised; masked_fill is slow here)
     if slots is None:
         return scores.add_(bias)
@@ -710,7 +739,7 @@ def _bias_labels(plan: _Plan, group: int, chunk: int, heads: int) -> Tensor:
     """(Bx, Hx, G, bq, C, bk) long: the relative-position labels of one group and slot chunk (general
     path), bq = 1 (bk = 1) when every query (key) block's tokens share one position; with a per-head
     table (heads > 1), offset by h (2c + 1), so that they index the flattened table."""
-    (g0, g1), (s0, s1), bias = plan.groups[group], plan.slot_chunks[chunk], plan.bias
+    (g0, g1), (s0, s1), bias = plan.groups[group], plan.slot_chunks[group][chunk], plan.bias
     rows = bias.rows[:, :, g0:g1, s0:s1]  # (Br, Hr, G, C)
     Br, Hr, G, C = rows.shape
     keys = bias.key_positions.index_select(0, rows.reshape(-1)).view(Br, Hr, G, 1, C, -1)
@@ -723,7 +752,7 @@ def _bias_labels(plan: _Plan, group: int, chunk: int, heads: int) -> Tensor:
 
 def _add_bias_(scores: Tensor, plan: _Plan, table: Tensor, group: int, chunk: int) -> Tensor:
     """scores (B, H, G, b, C b) += the bias of each pair, table (Ht, 2c + 1) already in log2 units."""
-    s0, s1 = plan.slot_chunks[chunk]
+    s0, s1 = plan.slot_chunks[group][chunk]
     b, Ht = plan.block, table.shape[0]
     if plan.bias.tile is not None:
         tile = plan.bias.tile[:, s0 * b : s1 * b]  # (b, C b)
@@ -736,7 +765,7 @@ def _add_bias_(scores: Tensor, plan: _Plan, table: Tensor, group: int, chunk: in
 def _accumulate_bias_grad_(grad_table: Tensor, grad_scores: Tensor, plan: _Plan, group: int, chunk: int) -> None:
     """Add the score gradients (B, H, G, b, C b) of one group and chunk to the per-label gradient:
     grad_table (Ht, 2c + 1), or for a tile, (H, b, S b) per tile entry (labelled at the end)."""
-    s0, s1 = plan.slot_chunks[chunk]
+    s0, s1 = plan.slot_chunks[group][chunk]
     b = plan.block
     if plan.bias.tile is not None:
         grad_table[:, :, s0 * b : s1 * b] += grad_scores.sum(dim=(0, 2))  # (H, b, C b)
@@ -760,7 +789,7 @@ def _group_forward(queries: Tensor, k_table, v_table, plan: _Plan, group: int, w
     slot chunks with an online softmax -> (out (B, H, G, b, dv) in a workspace buffer, lse (B, H, G, b))."""
     B, H, G, b, _ = queries.shape
     running_max = running_sum = acc = None
-    for chunk, (s0, s1) in enumerate(plan.slot_chunks):
+    for chunk, (s0, s1) in enumerate(plan.slot_chunks[group]):
         width = (s1 - s0) * b  # C b keys
         keys = _KeyBlocks(k_table, plan, group, chunk, work, "keys")  # (B, H, G, C b, d)
         scores = keys.product(queries, work("scores", B, H, G, b, width), transpose=True)  # (B,H,G,b,Cb)
@@ -774,7 +803,7 @@ def _group_forward(queries: Tensor, k_table, v_table, plan: _Plan, group: int, w
         chunk_out = values.product(weights, work("chunk_out", B, H, G, b, values.width), transpose=False)
         if acc is None:  # (the chunk's buffer is reused by the next chunk)
             running_sum = weights.sum(dim=-1, keepdim=True)
-            acc = chunk_out if len(plan.slot_chunks) == 1 else chunk_out.clone()
+            acc = chunk_out if len(plan.slot_chunks[group]) == 1 else chunk_out.clone()
         else:  # online softmax: rescale what came before to the new running max
             decay = torch.exp2(running_max - _not_inf(new_max))  # (B, H, G, b, 1)
             running_sum = running_sum.mul_(decay).add_(weights.sum(dim=-1, keepdim=True))
@@ -794,7 +823,7 @@ def _group_backward(queries: Tensor, grad_o: Tensor, row_term: Tensor, lse2: Ten
     ln(2) dQ / (scale log2(e)) (B, H, G, b, d), in a workspace buffer."""
     B, H, G, b, d = queries.shape
     grad_queries = work("grad_queries", B, H, G, b, d)
-    for chunk, (s0, s1) in enumerate(plan.slot_chunks):
+    for chunk, (s0, s1) in enumerate(plan.slot_chunks[group]):
         width = (s1 - s0) * b  # C b keys
         keys = _KeyBlocks(k_table, plan, group, chunk, work, "keys")  # (B, H, G, C b, d)
         values = _KeyBlocks(v_table, plan, group, chunk, work, "values")  # (B, H, G, C b, dv)
@@ -822,7 +851,7 @@ def _group_backward(queries: Tensor, grad_o: Tensor, row_term: Tensor, lse2: Ten
 def _add_key_grads_(sink, plan: _Plan, group: int, chunk: int, grads: Tensor) -> None:
     """grads (B, H, G, C b, f) of one group's key slots into `sink`: the gradient of the key table
     (B H nk, b, f), by block, or for a gathered call a `_Rows` of the tokens' gradient, by token."""
-    (g0, g1), (s0, s1) = plan.groups[group], plan.slot_chunks[chunk]
+    (g0, g1), (s0, s1) = plan.groups[group], plan.slot_chunks[group][chunk]
     if isinstance(sink, _Rows):
         sink.add_(plan.key_tokens[:, :, g0:g1, s0:s1], grads)
     else:
@@ -893,9 +922,18 @@ class _BlockSparseAttention(torch.autograd.Function):
                                            work, grad_k_table, grad_v_table, bias_table, grad_bias)
             grad_q_blocks[:, :, g0:g1] = grad_queries.mul_(scale * LOG2_E)
         del work
-        grad_k = heads_last(k, nk * b).copy_(grad_k_table.view(B, H, nk * b, d))  # (B, H, nk b, d), heads-last
+        # a gradient in its input's layout: heads-last (the fused projection's backward reads it in place)
+        # unless the key table was a view of k (k heads-first and contiguous, as a caller's own key
+        # table is): then the table's gradient is returned as it is, with no N-sized copy at the peak
+        if _is_view_table(k_table, k):
+            grad_k = grad_k_table.view(B, H, nk * b, d)  # (B, H, nk b, d), heads-first like k
+        else:
+            grad_k = heads_last(k, nk * b).copy_(grad_k_table.view(B, H, nk * b, d))  # (B, H, nk b, d), heads-last
         del grad_k_table  # before the next N-sized buffer: one fewer at the peak
-        grad_v = torch.mul(grad_v_table.view(B, H, nk * b, dv), LOG2_E, out=heads_last(v, nk * b))
+        if _is_view_table(v_table, v):
+            grad_v = grad_v_table.view(B, H, nk * b, dv).mul_(LOG2_E)  # heads-first like v, in place
+        else:
+            grad_v = torch.mul(grad_v_table.view(B, H, nk * b, dv), LOG2_E, out=heads_last(v, nk * b))
         if grad_bias is not None:  # grad_scores are ln(2) ds: the natural scores' gradient is LOG2_E times them
             if plan.bias.tile is not None:  # per tile entry -> per label, summed over the heads for a shared table
                 per_label = grad_bias.new_zeros(H, relative_bias.shape[1])

@@ -4,7 +4,8 @@ Per-head tensors are (B, H, N, d) in PyTorch's layout. A tensor of that shape ma
 heads-last, i.e. as a (B, N, H, d) buffer seen through a transpose: the layer's head merge of an
 output stored that way is a view (no copy), and so is the (B N, H d) operand that the q/k/v
 projection's backward pass reads from a gradient stored that way. Fast paths (SDPA, kernel
-attention, block-sparse attention) write their outputs and input gradients heads-last.
+attention, block-sparse attention) write their outputs and input gradients heads-last (block-sparse: the
+key and value gradients of heads-first contiguous keys, its own key table, stay heads-first).
 """
 
 from __future__ import annotations
