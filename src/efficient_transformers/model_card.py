@@ -30,7 +30,7 @@ from . import registry
 
 DECODING_MEANING = {
     "kv_cache": "a KV cache: the keys and values that can still be attended",
-    "recurrent": "a recurrent state: running sums of constant size, whatever the prefix length",
+    "recurrent": "a recurrent state of constant size whatever the prefix length (running sums for kernel attention, memories for recurrence)",
     "recompute": "recomputation: no cheaper incremental form, the history is kept and attention recomputed",
     "none": "cannot decode (not causal)",
 }

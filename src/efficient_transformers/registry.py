@@ -71,7 +71,7 @@ class Card:
       is derived at registration from the layer constructor's keyword-only defaults (a card that
       spells it out must agree, or registration fails).
     - `decoding`: how a causal layer carries `state` between generation steps: "kv_cache" (the keys
-      and values that can still be attended), "recurrent" (running sums of constant size),
+      and values that can still be attended), "recurrent" (a state of constant size: running sums, memories),
       "recompute" (no cheaper incremental form: the history is kept and the attention recomputed)
       or "none" (not causal).
     - `fixed_pattern`: the layer exposes `dense_mask(N)`, (N, N) or per head (H, N, N).

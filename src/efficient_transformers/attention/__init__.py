@@ -15,4 +15,6 @@ from . import reformer  # noqa: F401
 from . import set_transformer  # noqa: F401
 from . import sinkhorn  # noqa: F401
 from . import routing  # noqa: F401
+from . import transformer_xl  # noqa: F401
 from . import etc  # noqa: F401
+from . import compressive  # noqa: F401

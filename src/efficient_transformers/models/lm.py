@@ -58,6 +58,10 @@ class TransformerLM(nn.Module):
                 f"allowed: {[c.name for c in mechanisms() if c.causal]}"
             )
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.attention = attention
+        #: relative positions and no length-sized state (Transformer-XL, Compressive): a stream may run past
+        #: max_seq_len through the memory; max_seq_len then bounds one call only
+        self.streams_past_max_len = card(attention).own_positions and "max_seq_len" not in card(attention).options
         positional = resolve_positional(attention, positional)
         self.embed = Embedder(vocab_size, dim, positional=positional, max_seq_len=max_seq_len, dropout=dropout,
                               embedding_dim=embedding_dim)
@@ -73,15 +77,36 @@ class TransformerLM(nn.Module):
         if tie_embeddings:
             self.head.weight = self.embed.tokens.weight
 
-    def forward(self, tokens: Tensor, mask: Tensor | None = None, global_mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None = None, global_mask: Tensor | None = None, *,
+                memory: list | None = None, return_state: bool = False):
         """tokens (B, N) long -> logits (B, N, vocab_size). `global_mask` (B, N) bool reaches every
         attention layer (mechanisms that take global tokens in causal mode; the others refuse it).
-        After a forward, `aux_losses()` gives the layers' auxiliary losses (see `core.aux_losses`)."""
+        After a forward, `aux_losses()` gives the layers' auxiliary losses (see `core.aux_losses`).
+
+        Streams (recurrence): `memory` is the list of per-layer states a previous call returned with
+        `return_state=True`, which then returns (logits, memory): the tokens continue that stream
+        (Transformer-XL and the Compressive Transformer carry their bounded memories this way; other
+        causal mechanisms their decoding states, e.g. a growing KV cache)."""
         check_tokens(tokens, self.vocab_size)
         self._check_length(tokens.shape[1])
+        offset = self._check_memory(memory, tokens.shape[0])
         reset_aux_losses(self)
-        x = self.embed(tokens)  # (B, N, dim)
-        return self.logits(self.stack(x, mask, global_mask=global_mask))  # (B, N, V)
+        x = self.embed(tokens, offset)  # (B, N, dim)
+        if memory is None and not return_state:
+            return self.logits(self.stack(x, mask, global_mask=global_mask))  # (B, N, V)
+        h, states = self.stack(x, mask, memory, return_states=True, global_mask=global_mask)  # (B, N, dim)
+        return self.logits(h), states
+
+    def _check_memory(self, memory: list | None, batch: int) -> int:
+        """A memory is one state per layer (from a call with return_state=True); returns the stream position."""
+        if memory is None:
+            return 0
+        depth = len(self.stack.blocks)
+        if not isinstance(memory, (list, tuple)) or len(memory) != depth:
+            got = f"a {type(memory).__name__} of length {len(memory)}" if isinstance(memory, (list, tuple)) else type(memory).__name__
+            raise ValueError(f"{self.attention}: memory must be the list of {depth} per-layer states returned by "
+                             f"lm(tokens, return_state=True), got {got}")
+        return int(getattr(memory[0], "length", 0) or 0)
 
     def logits(self, h: Tensor) -> Tensor:
         """Final hidden states (..., dim) -> logits (..., V)."""
@@ -108,8 +133,12 @@ class TransformerLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        memory: list | None = None,
     ) -> Tensor:
-        """prompt (B, N0) -> (B, N0 + max_new_tokens). top_k=1 is greedy decoding."""
+        """prompt (B, N0) -> (B, N0 + max_new_tokens). top_k=1 is greedy decoding.
+
+        `memory` (from `lm(tokens, memory=..., return_state=True)`): the prompt continues that stream,
+        e.g. generation after evaluating a long text through Transformer-XL's memory."""
         check_tokens(prompt, self.vocab_size, "prompt")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -117,19 +146,20 @@ class TransformerLM(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature!r} (use top_k=1 for greedy decoding)")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        self._check_length(prompt.shape[1] + max_new_tokens)
+        self._check_length(prompt.shape[1] if self.streams_past_max_len else prompt.shape[1] + max_new_tokens)
+        offset = self._check_memory(memory, prompt.shape[0])
         was_training = self.training
         self.eval()
         try:
             out = prompt
             if max_new_tokens == 0:
                 return out
-            logits, states = self._step(prompt, None, 0)  # prefill: (B, V)
+            logits, states = self._step(prompt, None if memory is None else list(memory), offset)  # prefill: (B, V)
             for i in range(max_new_tokens):
                 nxt = _sample(logits, temperature, top_k, generator)  # (B, 1)
                 out = torch.cat([out, nxt], dim=1)
                 if i + 1 < max_new_tokens:
-                    logits, states = self._step(nxt, states, out.shape[1] - 1)
+                    logits, states = self._step(nxt, states, offset + out.shape[1] - 1)
             return out
         finally:
             self.train(was_training)

@@ -7,6 +7,7 @@ Files a run keeps in its output folder:
     optimizer.safetensors  the optimiser state, tensors flattened; its structure as JSON in the metadata
     trainer_state.json     step, config, RNG states, data position, best metric: the commit record
     adapters.safetensors   with --adapters: the fine-tuned weights alone (adapters, norms, head), for a base
+    memory.safetensors     with --segment-len: the recurrent memory after the checkpointed step
 
 Every file is written to a temporary name in the same folder and moved into place with `os.replace`,
 so a reader never sees half a file. A checkpoint is several files, so it is committed like a journal:
@@ -43,10 +44,11 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 ADAPTERS_FILE = "adapters.safetensors"  # fine-tuning with --adapters: the trained weights apart from the base
+MEMORY_FILE = "memory.safetensors"  # --segment-len: the recurrent memory after the checkpointed step
 PENDING_SUFFIX = ".pending"
 STATE_FORMAT = "efficient_transformers.trainer_state/1"
 #: Everything a run writes; `--overwrite` removes exactly these.
-RUN_FILES = (STATE_FILE, MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, METRICS_FILE, RESULTS_FILE, ADAPTERS_FILE)
+RUN_FILES = (STATE_FILE, MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, METRICS_FILE, RESULTS_FILE, ADAPTERS_FILE, MEMORY_FILE)
 
 
 _UMASK = os.umask(0o022)

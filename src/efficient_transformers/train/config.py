@@ -43,6 +43,7 @@ class TrainConfig:
     embedding_dim: int | None = None  # ALBERT's factorised embedding (E < dim)
     reversible: bool = False  # Reformer's reversible residual layers
     ff_chunks: int = 1  # chunked feed-forward
+    segment_len: int | None = None  # recurrence mechanisms: train segment by segment with the memory (truncated BPTT)
     # fine-tuning and distillation
     init_from: str | None = None  # a run folder whose best weights initialise the model (its architecture)
     adapters: str | None = None  # "houlsby:SIZE" | "lora:RANK": train those only, the base frozen
@@ -86,7 +87,7 @@ class TrainConfig:
         _check_int("seed", self.seed, minimum=0)
         for name in ("dim", "depth", "heads", "ff_mult", "batch_size", "accum", "eval_every", "log_every"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("max_len", "eval_batch_size", "checkpoint_every"):
+        for name in ("max_len", "eval_batch_size", "checkpoint_every", "segment_len"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         for name in ("num_train", "num_val", "num_test", "warmup"):
