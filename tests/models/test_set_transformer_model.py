@@ -65,8 +65,11 @@ def test_blocks_equal_their_plain_formulas(layer_norm):
     isab_small = ISAB(DIM, HEADS, num_inducing=3, layer_norm=layer_norm).double()  # m < N
     pma = PMA(DIM, HEADS, num_seeds=2, layer_norm=layer_norm).double()
     y = inputs(2, n, seed=5)
+    x.requires_grad_()
     got = {"mab": mab(x, y, mask), "sab": sab(x, mask), "isab": isab(x, mask), "isab_small": isab_small(x, mask),
            "pma": pma(x, mask)}
+    blocks = {"mab": mab, "sab": sab, "isab": isab, "isab_small": isab_small, "pma": pma}
+    expected_rows = {name: [] for name in got}
     for b in range(2):
         keep, real = mask[b], mask[b]
         expected = {
@@ -80,6 +83,17 @@ def test_blocks_equal_their_plain_formulas(layer_norm):
         for name, value in expected.items():
             rows = slice(None) if name in ("pma", "mab") else real
             torch.testing.assert_close(got[name][b][rows], value[rows], atol=1e-12, rtol=1e-12, msg=name)
+            expected_rows[name].append(value[rows])
+    # gradients (input and every parameter) through the real rows equal those of the plain formulas
+    for name, block in blocks.items():
+        rows = (lambda t: t.flatten(0, 1)) if name in ("pma", "mab") else (lambda t: t[mask])
+        ref = torch.cat(expected_rows[name])  # the real rows of both items, in order
+        w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        params = [x, *block.parameters()]
+        grads = torch.autograd.grad((rows(got[name]) * w).sum(), params)
+        expected_grads = torch.autograd.grad((ref * w).sum(), params)
+        for p, a, e in zip(["x", *(n for n, _ in block.named_parameters())], grads, expected_grads):
+            torch.testing.assert_close(a, e, atol=1e-11, rtol=1e-11, msg=f"{name}: d/d{p}")
 
 
 def test_model_equals_its_composition_and_gradients_flow():
@@ -110,6 +124,21 @@ def test_output_is_permutation_invariant_and_blocks_equivariant(encoder):
     h = model.embed(x)
     y, y_perm = block(h, mask), block(h[:, perm], mask[:, perm])
     torch.testing.assert_close(y_perm[mask[:, perm]], y[:, perm][mask[:, perm]], atol=1e-12, rtol=1e-12)
+
+
+def test_pma_pools_a_permuted_padded_set_to_the_same_vectors():
+    torch.manual_seed(0)
+    pma = PMA(DIM, HEADS, num_seeds=3).double()
+    n = 10
+    x, mask = inputs(3, n), sizes_mask([10, 7, 1], n)
+    pooled = pma(x, mask)  # (B, k, dim)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(pma(x[:, perm], mask[:, perm]), pooled, atol=1e-12, rtol=1e-12)
+    x2 = x.clone()
+    x2[~mask] = -1e3
+    torch.testing.assert_close(pma(x2, mask), pooled, atol=1e-12, rtol=1e-12)
+    for b, size in enumerate([10, 7, 1]):
+        torch.testing.assert_close(pma(x[b:b + 1, :size]), pooled[b:b + 1], atol=1e-12, rtol=1e-12)
 
 
 def test_sets_of_different_sizes_in_one_batch_equal_each_set_alone():

@@ -7,12 +7,13 @@ official released formats. Tasks only make and load data; they know nothing of m
     splits = task.datasets("/data/lra_release/listops-1000")     # the official files
     batch = task.collate([splits["train"][i] for i in range(8)])
 
-Tasks (``task_names()``): listops, text, retrieval, image, pathfinder, byte_lm; one module each.
+Tasks (``task_names()``): listops, text, retrieval, image, pathfinder, byte_lm, max_of_set (sets of
+continuous vectors, for the SetTransformer model); one module each.
 """
 
 from .base import PAD_ID, Task, get_task, register_task, task_names
 
 # Importing the task modules registers them; this order is the order of task_names().
-from . import listops, text, retrieval, image, pathfinder, byte_lm  # noqa: E402,F401  isort: skip
+from . import listops, text, retrieval, image, pathfinder, byte_lm, max_of_set  # noqa: E402,F401  isort: skip
 
 __all__ = ["PAD_ID", "Task", "get_task", "register_task", "task_names"]

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 PAD_ID = 0
 BYTE_VOCAB = 257  # 256 byte values shifted by one, plus PAD
 SPLITS = ("train", "val", "test")
-KINDS = ("classification", "retrieval", "language_model")
+KINDS = ("classification", "retrieval", "language_model", "set_regression")  # set_regression: max_of_set.py
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,6 +110,8 @@ def evaluate_model(model: nn.Module, task: Any, data: Any, batch_size: int, devi
 
 def latency_inputs(task: Any, model_config: dict[str, Any], batch: int, max_len: int) -> tuple:
     g = torch.Generator().manual_seed(0)
+    if model_config.get("class") == "SetTransformer":  # a set task: continuous vectors, no tokens
+        return (torch.randn(batch, max_len, model_config["in_features"], generator=g),)  # (B, N, F), no padding
     low = 1 if model_config["vocab_size"] > 1 else 0
     tokens = torch.randint(low, model_config["vocab_size"], (batch, max_len), generator=g)  # (B, N), no padding
     if task.kind == "retrieval":

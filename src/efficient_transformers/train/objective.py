@@ -4,6 +4,8 @@
     retrieval        RetrievalModel(tokens, tokens2, ...) -> (B, 2)     cross-entropy, accuracy
     language_model   TransformerLM(tokens, mask) -> (B, L, V)           cross-entropy per byte,
                                                                         bits per byte = CE / ln 2
+    set_regression   SetTransformer(x, mask) -> (B,)                    L1 loss, mean absolute error
+                     (the task decides the model; see `sets`)
 
 `batch_statistics` returns sums (loss, correct, count), not means, so that evaluation over shards and
 processes adds up exactly; the training loss is ``loss_sum / count`` of the micro-batch.
@@ -29,15 +31,18 @@ from ..models import RetrievalModel, TransformerClassifier, TransformerLM
 from ..models.adapters import add_adapters
 from ..registry import card, mechanisms
 from .config import TrainConfig
+from .sets import build_set_model, check_set_mechanism, is_set_task, set_model_config, set_predictions
 
-KINDS = ("classification", "retrieval", "language_model")
+KINDS = ("classification", "retrieval", "language_model", "set_regression")
 #: model keywords of the model-level techniques and their defaults (TrainConfig fields of the same names)
 MODEL_TECHNIQUES = {"share": "none", "embedding_dim": None, "reversible": False, "ff_chunks": 1}
-METRIC_DIRECTION = {"accuracy": "max", "bits_per_byte": "min"}
+METRIC_DIRECTION = {"accuracy": "max", "bits_per_byte": "min", "mae": "min"}
 
 
 def model_config(config: TrainConfig, task: Any, max_len: int) -> dict[str, Any]:
     """The keyword arguments that rebuild the model (also stored in the weight files' metadata)."""
+    if is_set_task(task):
+        return set_model_config(config, task, max_len)
     common = dict(dim=config.dim, depth=config.depth, heads=config.heads, attention=config.attention,
                   attention_options=dict(config.attention_options), max_seq_len=max_len,
                   ff_mult=config.ff_mult, dropout=config.dropout)
@@ -66,6 +71,8 @@ def model_config(config: TrainConfig, task: Any, max_len: int) -> dict[str, Any]
 def check_mechanism_fits(task: Any, attention: str) -> None:
     """A language model needs a causal mechanism, the encoders a bidirectional one."""
     the_card = card(attention)  # unknown names raise ValueError listing the registered ones
+    if is_set_task(task):
+        return check_set_mechanism(task, attention)
     if task.kind == "language_model" and not the_card.causal:
         allowed = [c.name for c in mechanisms() if c.causal]
         raise ValueError(f"task {task.name!r} is language modelling and needs a causal mechanism; "
@@ -82,8 +89,10 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     kwargs = dict(spec)
     name = kwargs.pop("class")
     adapters = kwargs.pop("adapters", None)
+    if name == "SetTransformer":
+        return build_set_model(kwargs)
     if name not in classes:
-        raise ValueError(f"unknown model class {name!r}; allowed: {sorted(classes)}")
+        raise ValueError(f"unknown model class {name!r}; allowed: {sorted([*classes, 'SetTransformer'])}")
     if name == "TransformerLM":
         model = TransformerLM(**kwargs)
     else:
@@ -130,7 +139,11 @@ class BatchStats:
         return cls(loss_sum, correct, count)
 
     def summary(self, metric: str) -> dict[str, float | None]:
-        """{"loss", "accuracy"} and, for language models, "bits_per_byte" (None when empty)."""
+        """{"loss", "accuracy"} and, for language models, "bits_per_byte" (None when empty); for regression
+        (metric "mae", trained with the L1 loss) {"loss", "mae"}, the same number."""
+        if metric == "mae":
+            mae = self.loss_sum / self.count if self.count else None
+            return {"loss": mae, "mae": mae}
         if self.count == 0:
             return {"loss": None, "accuracy": None, **({"bits_per_byte": None} if metric == "bits_per_byte" else {})}
         loss = self.loss_sum / self.count
@@ -162,6 +175,8 @@ def model_logits(model: nn.Module, batch: dict[str, Tensor], kind: str) -> Tenso
         return model(batch["tokens"], batch["tokens2"], mask, mask2)  # (B, 2)
     if kind == "classification":
         return model(batch["tokens"], _mask_or_none(batch["mask"]))  # (B, C)
+    if kind == "set_regression":
+        return set_predictions(model, batch)  # (B,)
     raise ValueError(f"unknown task kind {kind!r}; allowed: {list(KINDS)}")
 
 
@@ -195,6 +210,11 @@ def batch_statistics(model: nn.Module, batch: dict[str, Tensor], kind: str,
         loss_sum = F.cross_entropy(flat, targets, reduction="sum")
         correct = (flat.argmax(-1) == targets).sum()
         count = real.sum()
+    elif kind == "set_regression":
+        flat, targets = logits.float(), batch["target"].float()  # (B,), (B,)
+        loss_sum = (flat - targets).abs().sum()  # L1, as the paper trains its max regression
+        correct = torch.zeros(())
+        count = torch.tensor(targets.numel())
     else:
         flat, targets = logits.float(), batch["label"]  # (B, C), (B,)
         loss_sum = F.cross_entropy(flat, targets, reduction="sum")
