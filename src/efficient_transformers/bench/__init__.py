@@ -8,7 +8,7 @@ rounds, paired with vanilla), peak memory in an isolated process, FLOPs by FlopC
 ratios to vanilla (the LRA Table 2 layout), log-log slopes beside the stated complexity, the crossover
 length, achieved GFLOP/s against the machine's measured matmul rate. Modules: `runner` (the loop),
 `harness` (steps, timing, FLOPs), `memory` (the isolated probe), `analysis` (slopes, crossover),
-`report` (Markdown and plots), `progress` (the bar), `command` (the CLI).
+`report` (Markdown and plots), `command` (the CLI); the progress bar is tqdm (`efficient_transformers.progress`).
 """
 
 from .runner import DEFAULT_LENGTHS, QUICK_LENGTHS, run_benchmark

@@ -15,6 +15,8 @@
   vanilla at that N and at every larger measured N. "Faster" at N means the mechanism ran and either
   its paired time ratio to vanilla is below 1 or vanilla did not run there (out of memory or time);
   lengths where neither ran are skipped. Null when it is not faster at the largest such N.
+- **ceiling fraction median**: per mode, the median over the lengths where it ran of the row's
+  fraction of its ceiling (its matrix products alone / its step, `products.py`).
 """
 
 from __future__ import annotations
@@ -202,10 +204,19 @@ def summarize(rows: list[dict[str, Any]], complexities: dict[str, str], points: 
                 "max_len_run": last["seq_len"] if last else None,
                 "speedup_at_max_len": last.get("speedup_vs_vanilla") if last else None,
                 "mem_ratio_at_max_len": last.get("mem_ratio_vs_vanilla") if last else None,
+                "ceiling_fraction_median": _median([r.get("ceiling_fraction") for r in ok]),
                 "statuses": {s: sum(r["status"] == s for r in mine) for s in dict.fromkeys(r["status"] for r in mine)},
             }
         summary[mechanism] = per_mode
     return summary
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    mid = len(present) // 2
+    return present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
 
 
 def add_memory_ratios(rows: list[dict[str, Any]]) -> None:

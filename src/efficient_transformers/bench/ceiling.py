@@ -24,6 +24,14 @@ the ratio within a round (robust to drift of a shared machine); 1 thread by defa
 
     python -m efficient_transformers.bench.ceiling --lengths 4096,16384 --features 64,128,256 [--causal]
 
+With `--mechanisms`, the same question for any registered layers, from their recorded products
+(`products.py`, the ceiling `eft bench` reports): each layer's real step, its products replayed
+alone, and vanilla (SDPA), all in the same interleaved rounds; the table gives the step, its speed-up
+over vanilla, the ceiling, the fraction of it reached (ceiling / step, median over rounds) and the
+ceiling's own speed-up over vanilla (vanilla's step / the ceiling):
+
+    python -m efficient_transformers.bench.ceiling --mechanisms performer --lengths 16384 [--causal]
+
 The README's figures come from it: on this project's CPU, one thread, N = 16K and m = 256, the
 products alone are 20.5-21.8x faster than the SDPA step (causal 8.1-8.4x), so a Performer layer,
 which must also compute its features' exponentials, cannot be 20x faster (causal 10x) there.
@@ -37,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import harness, products
 from .harness import TimingPlan, median_of, paired_ratio, time_interleaved
 
 
@@ -149,6 +158,48 @@ def measure(n: int, args: argparse.Namespace, counts: list[int]) -> tuple[float,
                              for m in counts]
 
 
+def measure_mechanisms(n: int, args: argparse.Namespace) -> list[dict]:
+    """Per mechanism (vanilla first): its step, its recorded products' replay and vanilla's step, timed
+    in the same interleaved rounds (see the module doc)."""
+    names = ["vanilla"] + [m for m in args.mechanisms if m != "vanilla"]
+    steps, ceilings = {}, {}
+    for name in names:
+        options = dict(args.options.get(name, {}))
+        if name == "performer" and args.causal and args.chunk_size_given:
+            options.setdefault("chunk_size", args.chunk_size)
+        work = harness.Workload(name, n, args.mode, dim=args.dim, heads=args.heads, causal=args.causal, options=options)
+        step = steps[name] = harness.make_step(harness.build_layer(work), work)
+        step()  # warm-up, then one recorded call
+        ceilings[name] = products.CeilingStep()
+        ceilings[name].record(step)
+    for name in names:
+        steps[name + " (ceiling)"] = ceilings[name]
+    plan = TimingPlan(repeats=args.repeats, min_rounds=args.repeats, budget_s=1e9, timeout_s=1e9, sample_min_s=0.02)
+    result = time_interleaved(steps, plan)
+    if result.failures:
+        name, err = next(iter(result.failures.items()))
+        raise RuntimeError(f"ceiling: {name} failed at N={n}: {err}") from err
+    base = result.samples["vanilla"]
+    rows = []
+    for name in names:
+        mine, ceiling = result.samples[name], result.samples[name + " (ceiling)"]
+        rows.append({"mechanism": name, "n": n, "step_ms": median_of(mine) * 1e3, "speedup": 1 / paired_ratio(mine, base),
+                     "ceiling_ms": median_of(ceiling) * 1e3, "fraction": paired_ratio(ceiling, mine),
+                     "ceiling_speedup": 1 / paired_ratio(ceiling, base), "gflop": ceilings[name].products.flops / 1e9,
+                     "fractions": [c / s for c, s in zip(ceiling, mine)]})
+    return rows
+
+
+def _options(text: str) -> dict[str, dict]:
+    """"performer.nb_features=128,performer.chunk_size=128" -> {"performer": {...}} (ints where they parse)."""
+    options: dict[str, dict] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        name, _, option = key.partition(".")
+        options.setdefault(name, {})[option] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m efficient_transformers.bench.ceiling", description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="4096,16384", help="comma-separated N (default 4096,16384)")
@@ -156,13 +207,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=None, help="the causal chunk (default 64)")
+    parser.add_argument("--mechanisms", default=None,
+                        help="comma-separated registered layers: measure their real steps against their recorded ceilings")
+    parser.add_argument("--mode", default="train", choices=list(harness.MODES), help="with --mechanisms (default train)")
+    parser.add_argument("--options", type=_options, default={},
+                        help="with --mechanisms: layer options, e.g. performer.nb_features=128")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timing rounds (default 5)")
     args = parser.parse_args(argv)
+    args.chunk_size_given = args.chunk_size is not None
+    args.chunk_size = args.chunk_size or 64
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lengths = [int(t) for t in args.lengths.split(",")]
+    if args.mechanisms:
+        args.mechanisms = [m.strip() for m in args.mechanisms.split(",") if m.strip()]
+        print(f"Each layer's step against its ceiling, its recorded matrix products alone ({args.mode}, "
+              f"{'causal' if args.causal else 'bidirectional'}, dim {args.dim}, {args.heads} heads, float32, "
+              f"{args.threads} thread(s), median of {args.repeats} interleaved rounds):\n")
+        print("| layer | N | step, ms | × vanilla | ceiling, ms | fraction of ceiling (per round) | ceiling × vanilla | GFLOP |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n in lengths:
+            for r in measure_mechanisms(n, args):
+                per_round = ", ".join(f"{f:.0%}" for f in r["fractions"] if f is not None)
+                print(f"| {r['mechanism']} | {n} | {r['step_ms']:,.0f} | {r['speedup']:.2f}× | {r['ceiling_ms']:,.0f} | "
+                      f"{r['fraction']:.0%} ({per_round}) | {r['ceiling_speedup']:.2f}× | {r['gflop']:.1f} |")
+        return 0
     counts = [int(t) for t in args.features.split(",")]
     print(f"Performer's matrix products alone against the SDPA step ({'causal' if args.causal else 'bidirectional'}, "
           f"dim {args.dim}, {args.heads} heads, float32, {args.threads} thread(s), median of {args.repeats} "

@@ -60,6 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"timing rounds per configuration (default {FULL_EFFORT.repeats}, quick {QUICK_EFFORT.repeats})")
     parser.add_argument("--timeout", type=float, default=None, dest="timeout_s",
                         help=f"seconds per configuration (default {FULL_EFFORT.timeout_s:g}, quick {QUICK_EFFORT.timeout_s:g})")
+    parser.add_argument("--no-ceiling", action="store_false", dest="ceiling",
+                        help="do not time each row's ceiling (its matrix products replayed alone; bench/products.py)")
     parser.add_argument("--out", default="eft-report", help="output directory (default ./eft-report)")
     parser.add_argument("--json", action="store_true", help="also print the JSON result on stdout")
 
@@ -86,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
             mechanisms=args.mechanisms, lengths=args.lengths or DEFAULT_LENGTHS, modes=args.modes,
             batch=args.batch, dim=args.dim, heads=args.heads, dtype=args.dtype, causal=args.causal,
             device=args.device, out_dir=args.out, quick=args.quick, repeats=args.repeats,
-            timeout_s=args.timeout_s, progress=None)
+            timeout_s=args.timeout_s, progress=None, ceiling=getattr(args, "ceiling", True))
     except ValueError as err:
         print(f"eft bench: error: {err}", file=sys.stderr)
         return 2

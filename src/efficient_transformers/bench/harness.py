@@ -133,6 +133,7 @@ def make_step(layer: torch.nn.Module, work: Workload, seq_len: int | None = None
         x.grad = None
         layer(x).backward(grad_out)
 
+    train_step.grad_output = grad_out  # the backward pass's root: `products.record_products` traces it
     return train_step
 
 

@@ -2,7 +2,8 @@
 
 `markdown(result)` renders, from the JSON object alone: the configuration; per mode, the LRA Table 2
 layout (time per step with the speed-up over vanilla, peak memory with the ratio to vanilla, one
-column per length) and achieved GFLOP/s; the fitted slopes beside the card's stated complexity; the
+column per length), achieved GFLOP/s and the fraction of each row's ceiling (its products alone,
+`products.py`, with the median per mechanism); the fitted slopes beside the card's stated complexity; the
 crossover lengths; every configuration that did not run and why. `write_plots(result, out_dir)`
 draws time and memory against N on log-log axes, one panel per taxonomy class (card.classes),
 a line per mechanism, vanilla dashed in every panel for reference. matplotlib is imported lazily
@@ -96,6 +97,7 @@ def markdown(result: dict[str, Any]) -> str:
                                        f"(1-minute, {config['cpu_count']} CPUs)"),
         ("peak memory", config["memory_method"] + "; " + config["memory_unit"]),
         ("FLOPs", config["flops_method"]),
+        ("ceiling", config["ceiling_method"] if config.get("ceiling") else "not measured (--no-ceiling)"),
         ("forward mode", config["forward_mode"]), ("train mode", config["train_mode"]),
         ("torch, python", f"{config['torch_version']}, {config['python_version']} on {config['platform']}"),
     ]
@@ -118,6 +120,12 @@ def markdown(result: dict[str, Any]) -> str:
             "there); 'none up to N=...' when it is not faster at the largest length.",
             f"- A time marked * is noisy: its samples spread by more than {config['noisy_spread']:.0%} of the median "
             "(max - min); the machine was busy during those rounds.",
+            "- **Ceiling**: the row's own matrix products (forward + backward without what the backward pass "
+            "recomputes) replayed alone on preallocated buffers, timed in the same rounds: a lower bound on any "
+            "implementation of those products. **Fraction of the ceiling** = ceiling time / step time (median over "
+            "rounds of the ratio; 100 % = nothing but products). The **FLOP-rate bound** is the same products' "
+            "2mnk FLOPs at the measured matrix-multiply rate (small or thin products run below that rate, so the "
+            "measured ceiling is the sharper bound); **product GFLOP/s** = those FLOPs / the step's time.",
             "- Cells: OOM = out of memory, timeout = over the limit per configuration, error = raised an exception, "
             "n/a = the mechanism does not support this mode (e.g. causal); details at the end.", ""]
 
@@ -147,6 +155,18 @@ def markdown(result: dict[str, Any]) -> str:
         out += [_table(["Model"] + [f"N={n}" for n in lengths],
                        [[_label(config, m)] + [_cell(index.get((m, mode, n)), flops_cell) for n in lengths]
                         for m in names]), ""]
+        if config.get("ceiling"):
+            out += ["### Fraction of the ceiling reached (ceiling ms; FLOP-rate bound ms; product GFLOP/s)", ""]
+
+            def ceiling_cell(r: dict[str, Any]) -> str:
+                if r.get("ceiling_fraction") is None:
+                    return "—"
+                return (f"{r['ceiling_fraction']:.0%} ({_num(r['ceiling_ms'])}; {_num(r.get('flop_bound_ms'))}; "
+                        f"{_num(r.get('product_gflops_per_s'))})")
+
+            out += [_table(["Model"] + [f"N={n}" for n in lengths],
+                           [[_label(config, m)] + [_cell(index.get((m, mode, n)), ceiling_cell) for n in lengths]
+                            for m in names]), ""]
 
     out += [f"## Fitted complexity: log-log slopes over the {config['slope_points']} largest lengths", ""]
     header = ["Model", "Class", "Stated", "Stated exponent"]
@@ -190,6 +210,12 @@ def markdown(result: dict[str, Any]) -> str:
                              else f"none up to N={max(lengths)}")
         rows.append(cells)
     out += [_table(["Model"] + modes, rows), ""]
+
+    if config.get("ceiling"):
+        out += ["## Fraction of the ceiling: median over the lengths, per mechanism", ""]
+        out += [_table(["Model"] + modes, [[_label(config, m)] + [
+            "—" if (f := summary.get(m, {}).get(mode, {}).get("ceiling_fraction_median")) is None else f"{f:.0%}"
+            for mode in modes] for m in names]), ""]
 
     failed = [r for r in result["rows"] if r["status"] != "ok"]
     out += ["## Configurations that did not run", ""]

@@ -32,9 +32,9 @@ import torch
 
 from ..formatting import json_safe
 from .. import registry
-from . import analysis, harness, report
+from . import analysis, harness, products, report
 from .memory import ProbeServer, reset_cpu_high_water_mark
-from .progress import ProgressBar
+from ..progress import progress_bar
 
 DEFAULT_LENGTHS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
@@ -56,6 +56,7 @@ class Effort:
 FULL_EFFORT = Effort(repeats=10, min_rounds=3, budget_s=15.0, timeout_s=300.0, sample_min_s=0.02, matmul_probe_s=1.0)
 QUICK_EFFORT = Effort(repeats=5, min_rounds=3, budget_s=1.0, timeout_s=30.0, sample_min_s=0.01, matmul_probe_s=0.3)
 NOISY_SPREAD = 0.25  # (max - min) / median of a row's samples above this: marked as noisy in the report
+CEILING_SUFFIX = " (ceiling)"  # the timing key of a mechanism's product replay
 BUSY_LOAD_FRACTION = 0.5  # load average above this fraction of the CPUs at start: a note says the machine is busy
 
 
@@ -75,14 +76,16 @@ def run_benchmark(
     repeats: int | None = None,
     timeout_s: float | None = None,
     progress: bool | None = None,
+    ceiling: bool = True,
 ) -> dict[str, Any]:
     """Measure every requested mechanism; write bench.json, bench.md and plots into `out_dir`; return
     the JSON object `{"config", "rows", "summary"}`.
 
     `quick` uses `QUICK_LENGTHS` (unless other lengths are given) and `QUICK_EFFORT` (fewer rounds,
     shorter budgets). `repeats` and `timeout_s` override the effort's rounds and per-configuration
-    limit. `progress`: None draws a bar when stderr is a terminal. Bad arguments raise ValueError
-    before anything runs.
+    limit. `progress`: None draws a bar when stderr is a terminal. `ceiling`: also time every row's
+    ceiling, its matrix products replayed alone (`products.py`; up to about twice the timing time).
+    Bad arguments raise ValueError before anything runs.
     """
     effort = QUICK_EFFORT if quick else FULL_EFFORT
     if quick and tuple(lengths) == DEFAULT_LENGTHS:
@@ -106,6 +109,8 @@ def run_benchmark(
         raise ValueError("bench: device 'cuda' requested but torch.cuda.is_available() is False; allowed: 'cpu'")
     if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1):
         raise ValueError(f"bench: repeats must be a positive int, got {repeats!r}")
+    if not isinstance(ceiling, bool):
+        raise ValueError(f"bench: ceiling must be a bool, got {ceiling!r}")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not math.isfinite(timeout_s) or timeout_s <= 0):
         raise ValueError(f"bench: timeout_s must be a positive number of seconds, got {timeout_s!r}")
@@ -116,6 +121,7 @@ def run_benchmark(
         repeats=repeats or effort.repeats, min_rounds=min(effort.min_rounds, repeats or effort.repeats),
         budget_s=effort.budget_s, timeout_s=float(timeout_s or effort.timeout_s), sample_min_s=effort.sample_min_s)
     config = _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, causal, device, quick, plan, effort)
+    config["ceiling"] = ceiling
     bench = _Benchmark(config, plan, out, progress)
     return bench.run()
 
@@ -189,6 +195,10 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
         "matmul_probe": None,
         "memory_method": memory_method,
         "memory_unit": "MiB (2^20 bytes), above the resident size before the step (parameters and inputs excluded)",
+        "ceiling_method": "the step's matrix products (forward + backward, without what the backward pass recomputes), "
+                          "recorded under a TorchDispatchMode on the warm-up call and replayed alone on preallocated "
+                          "buffers in the same rounds as the step; fraction = median over rounds of replay / step "
+                          "(bench/products.py); FLOP-rate bound = their 2mnk FLOPs at the matrix-multiply rate",
         "flops_method": "torch.utils.flop_counter.FlopCounterMode over one step (matrix products and fused attention; "
                         "elementwise ops not counted; fused attention counted as dense even when causal)",
         "forward_mode": "layer.eval() under torch.no_grad()",
@@ -234,17 +244,18 @@ def _cpu_name() -> str:
 class _Benchmark:
     def __init__(self, config: dict[str, Any], plan: harness.TimingPlan, out: Path, progress: bool | None) -> None:
         self.config, self.plan, self.out = config, plan, out
+        config.setdefault("ceiling", True)
         self.rows: list[dict[str, Any]] = []
         self.cards = {c.name: c for c in registry.mechanisms()}
         self.given_up: dict[tuple[str, str], tuple[str, str]] = {}  # (mechanism, mode) -> (status, why) at larger N
         total = len(config["lengths"]) * len(config["modes"]) * len(config["mechanisms"]) * 2
-        self.bar = ProgressBar(total, enabled=progress)
+        self.bar = progress_bar(total, "eft bench", enabled=progress, unit="measurement")
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             self._note_machine_load("start")
-            self.bar.update(description="measuring the matrix-multiply rate")
+            self.bar.set_description_str("measuring the matrix-multiply rate")
             self._probe_matmul(self.config["matmul_probe_s"])
             with ProbeServer(threads=self.config["threads"]) as server:
                 for n in self.config["lengths"]:
@@ -258,7 +269,7 @@ class _Benchmark:
             self.config["notes"].append("interrupted (Ctrl-C): the rows hold the configurations finished before it")
             raise
         finally:
-            self.bar.update(description="writing the report")
+            self.bar.set_description_str("writing the report")
             self._note_machine_load("end")
             self.config["wall_time_s"] = time.perf_counter() - started
             result = self._result()
@@ -266,7 +277,7 @@ class _Benchmark:
             (self.out / "bench.md").write_text(report.markdown(result))
             result = json_safe(result)
             self._write_json(result)
-            self.bar.update(description=f"done: {self.out}/")
+            self.bar.set_description_str(f"done: {self.out}/")
             self.bar.close()
         return result
 
@@ -293,6 +304,8 @@ class _Benchmark:
         for row in self.rows:
             if row["gflops_per_s"] is not None and self.config["matmul_gflops"]:
                 row["matmul_fraction"] = row["gflops_per_s"] / self.config["matmul_gflops"]
+            if row.get("ceiling_flops") is not None and row["status"] == "ok" and self.config["matmul_gflops"]:
+                row["flop_bound_ms"] = row["ceiling_flops"] / (self.config["matmul_gflops"] * 1e9) * 1e3
         analysis.add_memory_ratios(self.rows)
         complexities = {n: c["complexity"] for n, c in self.config["cards"].items()}
         return {"config": self.config, "rows": self.rows, "summary": analysis.summarize(self.rows, complexities)}
@@ -325,7 +338,7 @@ class _Benchmark:
                 status, why = self.given_up[name, mode]
                 _fail(row, status, f"not run: {why}")
             else:
-                self.bar.update(description=f"{name} N={n} {mode}: memory probe")
+                self.bar.set_description_str(f"{name} N={n} {mode}: memory probe")
                 answer = server.measure(work.to_json(), self.plan.timeout_s)
                 row.update({k: answer.get(k) for k in ("status", "error", "peak_mem_mb", "first_step_ms",
                                                        "probe_wall_s")})
@@ -334,7 +347,7 @@ class _Benchmark:
                     self.config["notes"].append(answer["memory_note"])
                 if row["status"] in ("oom", "timeout"):
                     self.given_up[name, mode] = (row["status"], f"{row['status']} at N={n} ({row['error']})")
-            self.bar.advance()
+            self.bar.update()
         runnable = [name for name, row in rows.items() if row["status"] == "ok"]
         self._time(rows, {name: works[name] for name in runnable}, n, mode)
         return list(rows.values())
@@ -346,8 +359,20 @@ class _Benchmark:
                 steps[name] = harness.make_step(harness.build_layer(work), work)
             except Exception as err:
                 _fail(rows[name], *harness.classify_failure(err))
-        self.bar.update(description=f"N={n} {mode}: timing {len(steps)} mechanism(s), warm-up")
+        self.bar.set_description_str(f"N={n} {mode}: timing {len(steps)} mechanism(s), warm-up")
+        ceilings = {name: products.CeilingStep(self.config["device"]) for name in steps} if self.config.get("ceiling", True) else {}
+
         def count_flops_on_warm_up(name: str, step) -> None:
+            if name in ceilings:  # the mechanism's warm-up call also records its products (bench/products.py)
+                try:
+                    rows[name]["flops"] = ceilings[name].record(step, harness.count_flops)
+                    return
+                except Exception as err:
+                    rows[name]["warnings"].append(f"FLOP count or product recording failed: {type(err).__name__}: {err}"[:300])
+                    ceilings[name].products = None
+            elif name.endswith(CEILING_SUFFIX):
+                step()
+                return
             try:
                 rows[name]["flops"] = harness.count_flops(step)
             except Exception as err:  # the plain call below decides whether the step itself fails
@@ -355,19 +380,28 @@ class _Benchmark:
                 step()
 
         estimates_s = {name: rows[name]["first_step_ms"] / 1e3 for name in steps if rows[name]["first_step_ms"]}
+        for name, ceiling in ceilings.items():  # timed in the same rounds, after every mechanism's warm-up
+            steps[name + CEILING_SUFFIX] = ceiling
+            if name in estimates_s:
+                estimates_s[name + CEILING_SUFFIX] = estimates_s[name]  # an upper bound: the replay is shorter
         gc.collect()
         gc.disable()
         try:
             timing = harness.time_interleaved(
                 steps, self.plan, self.config["device"],
-                on_round=lambda r, total: self.bar.update(description=f"N={n} {mode}: timing round {r}/{total}"),
+                on_round=lambda r, total: self.bar.set_description_str(f"N={n} {mode}: timing round {r}/{total}"),
                 first_call=count_flops_on_warm_up, estimates_s=estimates_s)
         finally:
             gc.enable()
         del steps
+        for ceiling in ceilings.values():
+            ceiling.release()
         gc.collect()
         for name, err in timing.failures.items():
-            _fail(rows[name], *harness.classify_failure(err))
+            if name.endswith(CEILING_SUFFIX):
+                rows[name[: -len(CEILING_SUFFIX)]]["warnings"].append(f"ceiling replay failed: {harness.classify_failure(err)[1]}"[:300])
+            else:
+                _fail(rows[name], *harness.classify_failure(err))
         reference = timing.samples.get(analysis.BASELINE)
         for name in works:
             row = rows[name]
@@ -386,7 +420,17 @@ class _Benchmark:
             row["speedup_vs_vanilla"] = 1.0 / ratio if ratio else None
             if row["flops"] is not None:
                 row["gflops_per_s"] = row["flops"] / median_s / 1e9
-        self.bar.advance(len(rows))
+            recorded = ceilings[name].products if name in ceilings else None
+            if recorded is not None:
+                row["ceiling_flops"] = recorded.flops
+                row["ceiling_products"] = recorded.summary()
+                row["product_gflops_per_s"] = recorded.flops / median_s / 1e9
+                ceiling_samples = timing.samples.get(name + CEILING_SUFFIX)
+                if ceiling_samples and name + CEILING_SUFFIX not in timing.failures:
+                    ceiling_s = harness.median_of(ceiling_samples)
+                    row["ceiling_ms"] = None if ceiling_s is None else ceiling_s * 1e3
+                    row["ceiling_fraction"] = harness.paired_ratio(ceiling_samples, samples)
+        self.bar.update(len(rows))
 
 
 def _empty_row(work: harness.Workload) -> dict[str, Any]:
@@ -398,11 +442,14 @@ def _empty_row(work: harness.Workload) -> dict[str, Any]:
         "time_ratio_vs_vanilla": None, "speedup_vs_vanilla": None,
         "peak_mem_mb": None, "mem_ratio_vs_vanilla": None,
         "flops": None, "gflops_per_s": None, "matmul_fraction": None,
+        "ceiling_ms": None, "ceiling_fraction": None, "ceiling_flops": None, "flop_bound_ms": None,
+        "product_gflops_per_s": None, "ceiling_products": None,
         "first_step_ms": None, "probe_wall_s": None, "warnings": [],
     }
 
 
 def _fail(row: dict[str, Any], status: str, message: str) -> None:
     row["status"], row["error"] = status, message
-    for key in ("time_ms", "time_spread", "time_ratio_vs_vanilla", "speedup_vs_vanilla", "gflops_per_s", "matmul_fraction"):
+    for key in ("time_ms", "time_spread", "time_ratio_vs_vanilla", "speedup_vs_vanilla", "gflops_per_s", "matmul_fraction",
+                "ceiling_ms", "ceiling_fraction", "product_gflops_per_s", "flop_bound_ms"):
         row[key] = None

@@ -26,6 +26,7 @@ explicit `torch.Generator` given by `core.randomness.SeededDraws`, so a layer bu
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -56,6 +57,30 @@ def gaussian_random_matrix(
     directions = torch.cat(blocks, dim=0)[:num_rows]  # (m, d)
     lengths = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64).norm(dim=1)  # (m,) ~ chi_d
     return (directions * lengths[:, None]).to(dtype)
+
+
+def _matmul_into(a: Tensor, b: Tensor, out: Tensor | None, accumulate: bool = False) -> Tensor:
+    """a (..., n, k) @ b (k, p) -> `out` (..., n, p) (a new tensor when None; added to it with
+    `accumulate`). Operands whose leading dimensions do not fold into rows go one matrix at a time
+    (`mm` reads and writes any row stride in place; `matmul` would copy or broadcast b)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # out= has no autograd
+        product = a @ b  # (..., n, p)
+        return product if out is None else (out.add_(product) if accumulate else out.copy_(product))
+    if out is None:
+        out = a.new_empty(a.shape[:-1] + (b.shape[-1],))
+    if a.dim() == 2 or (a.is_contiguous() and out.is_contiguous()):
+        rows, rows_out = a.reshape(-1, a.shape[-1]), out.view(-1, out.shape[-1])
+        if accumulate:
+            torch.addmm(rows_out, rows, b, out=rows_out)  # not addmm_: product counters know `addmm`
+        else:
+            torch.mm(rows, b, out=rows_out)
+        return out
+    for index in itertools.product(*(range(size) for size in a.shape[:-2])):
+        if accumulate:
+            torch.addmm(out[index], a[index], b, out=out[index])
+        else:
+            torch.mm(a[index], b, out=out[index])
+    return out
 
 
 class FeatureMap(nn.Module):
@@ -150,9 +175,21 @@ class RandomFeatures(FeatureMap):
         self.random.redraw()
         self.omega.copy_(self._draw())
 
-    def project(self, x: Tensor) -> Tensor:
-        """x' omega^T with x' = x d^(-1/4), so that exp(q' . k') = exp(q . k / sqrt(d))."""
-        return x @ (self.omega.to(x.dtype) * self.head_dim**-0.25).T  # (..., N, m)
+    def scaled_omega(self, dtype: torch.dtype) -> Tensor:
+        """omega d^(-1/4) (m, d) in `dtype`, cached until omega changes (redraw, load, move)."""
+        key = (self.omega.data_ptr(), self.omega._version, self.omega.device, dtype)
+        if getattr(self, "_scaled_key", None) != key:
+            self._scaled_cache, self._scaled_key = self.omega.to(dtype) * self.head_dim**-0.25, key
+        return self._scaled_cache
+
+    def project(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x' omega^T with x' = x d^(-1/4), so that exp(q' . k') = exp(q . k / sqrt(d)). (..., N, m)
+
+        Written into `out` when given (any strides). An input whose leading dimensions do not fold
+        into its rows (a segment of a sequence, a head of a fused projection) is projected one
+        matrix at a time, reading it in place: a batched product would copy it, or broadcast omega."""
+        weight = self.scaled_omega(x.dtype).T  # (d, m)
+        return _matmul_into(x, weight, out)
 
 
 class PositiveRandomFeatures(RandomFeatures):
@@ -180,12 +217,44 @@ class PositiveRandomFeatures(RandomFeatures):
 
     def projection(self, x: Tensor) -> Tensor:
         """The part of log phi(x) that varies across features: omega x' (and -omega x'). (..., N, m)"""
-        projected = self.project(x)  # (..., N, m)
-        return torch.cat([projected, -projected], dim=-1) if self.hyperbolic else projected
+        if not self.hyperbolic:
+            return self.project(x)  # (..., N, m)
+        if torch.is_grad_enabled() and x.requires_grad:  # out= has no autograd
+            projected = self.project(x)  # (..., N, m)
+            return torch.cat([projected, -projected], dim=-1)
+        projected = x.new_empty(x.shape[:-1] + (2 * self.nb_features,))  # (..., N, 2 m)
+        self.project(x, out=projected[..., : self.nb_features])
+        torch.neg(projected[..., : self.nb_features], out=projected[..., self.nb_features :])
+        return projected
 
     def log_norm(self, x: Tensor) -> Tensor:
         """The per-row part of log phi(x): -|x'|^2 / 2. (..., N)"""
         return x.square().sum(-1) * (-0.5 / math.sqrt(self.head_dim))
+
+    def projection_backward(self, grad_projection: Tensor) -> Tensor:
+        """d loss / d x through `projection` (linear in x), from d loss / d projection (..., N, m) -> (..., N, d).
+        Kernel attention calls it instead of local autograd (no graph over the features)."""
+        if self.hyperbolic:
+            half = self.nb_features
+            grad_projection = grad_projection[..., :half] - grad_projection[..., half:]  # (..., N, m / 2)
+        return grad_projection @ self.scaled_omega(grad_projection.dtype)  # (..., N, d)
+
+    def log_norm_backward(self, x: Tensor, grad_norm: Tensor) -> Tensor:
+        """d loss / d x through `log_norm`, from d loss / d log_norm (..., N) -> (..., N, d)."""
+        return x * (grad_norm * (-1.0 / math.sqrt(self.head_dim)))[..., None]
+
+    def backward_into(self, out: Tensor, grad_projection: Tensor, x: Tensor | None = None,
+                      grad_norm: Tensor | None = None) -> Tensor:
+        """`projection_backward` (+ `log_norm_backward` when x and grad_norm are given), written into
+        `out` (..., N, d) whatever its strides (kernel attention: the heads-last gradient buffers)."""
+        if self.hyperbolic:
+            half = self.nb_features
+            grad_projection = grad_projection[..., :half] - grad_projection[..., half:]  # (..., N, m / 2)
+        weight = self.scaled_omega(grad_projection.dtype)  # (m, d)
+        if x is None:
+            return _matmul_into(grad_projection, weight, out)
+        torch.mul(x, (grad_norm * (-1.0 / math.sqrt(self.head_dim)))[..., None], out=out)
+        return _matmul_into(grad_projection, weight, out, accumulate=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """phi(x) computed directly (it may overflow in float32: for references; attention uses the parts)."""

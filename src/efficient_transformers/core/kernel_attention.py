@@ -55,10 +55,19 @@ per call, and no autograd graph is built over the N x m features. Maps no larger
 sequence and kept: recomputing them would cost more than the N x d numbers they occupy.
 
 Performance notes (measured with `eft bench`, see the README): the stabiliser's epsilon term is
-differentiated through the index of each row's maximum (a scatter), not a dense mask; the causal
+differentiated through each row's maximum, found as the floor of exp(P - max) (exactly 1 there, below
+1 elsewhere: no max with indices, which costs about as much as a matrix product, and no scatter); the
+FAVOR+ map's parts are differentiated by hand (`projection_backward`, `log_norm_backward`: no local
+autograd graph); the bidirectional form keeps the epsilon out of the (n, m) features as rank-one
+corrections of its (n, d + 1) products, saves each row's max for the backward pass and takes the
+features' row sums from its small products (see `_BidirectionalKernelAttention`); the causal
 carry between chunks is an in-place recurrence (a prefix sum for direct maps), and so is its
 adjoint; outputs and input gradients are written heads-last, so that the layer's head merge and the
-projection's backward pass read them without a copy.
+projection's backward pass read them without a copy; q, k, v are read in place (no contiguous copy:
+the feature projections run one matrix at a time on the fused projection's strides, and the
+projection backward writes straight into the gradient buffers, `RandomFeatures.project`,
+`PositiveRandomFeatures.backward_into`). `torch.compile` of the elementwise parts was measured and
+not adopted (minutes to compile for about 1.5 % of the step; see the notes of issue 18).
 """
 
 from __future__ import annotations
@@ -116,7 +125,9 @@ def kernel_attention(
         # contiguous first: elementwise maps on the layer's strided q/k views are several times slower
         q, k = (feature_map(t.to(compute).contiguous()) for t in (q, k))  # (B, H, N, m) features
         feature_map = Identity(feature_map.num_features)
-    q, k, v = (t.to(compute).contiguous() for t in (q, k, v))  # segments and chunks are then plain views
+    # no copy of q, k, v: every use reads them in place (the projections one matrix at a time, see
+    # `RandomFeatures.project`; direct maps elementwise; the causal scan of identity maps copies its segments)
+    q, k, v = (t.to(compute) for t in (q, k, v))
     if not causal:
         out = _BidirectionalKernelAttention.apply(q, k, v, key_mask, feature_map, segment_size)
         return out.to(out_dtype), None
@@ -181,138 +192,200 @@ def _normalise_backward(out: Tensor, normaliser: Tensor, grad_out: Tensor) -> Te
 class _Features:
     """Features of one segment's queries or keys, and what their backward pass needs.
 
-    phi:       (B, H, n, m) stabilised features: phi(x) up to a per-row factor (exp(log_scale) for keys)
+    phi:       (B, H, n, m) stabilised features: phi(x) up to a per-row factor (exp(log_scale) for keys);
+               exponential maps with `with_eps=False` leave the epsilon out (the caller adds its rank-one
+               contribution to the products: the bidirectional form)
     log_scale: (B, H, n) keys only: the log of that factor (-inf for padded keys); None for queries
-    peak:      (B, H, n) int64, exponential maps in the backward pass: the index of each row's largest projection
-    raw, norm, leaf: the map's outputs with their graph back to `leaf` (backward pass only)
+    exp:       (B, H, n, m) exponential maps: exp(P - max_f P) without the epsilon (the same tensor as
+               phi when the epsilon is left out); the backward pass overwrites it
+    row_max:   (B, H, n) exponential maps: max_f P, the stabiliser (the backward pass reuses the forward's)
+    raw, leaf: direct maps in the backward pass: the map's output with its graph back to `leaf`
+    x:         the input (exponential maps: for the log-norm's gradient)
     """
 
     phi: Tensor
     log_scale: Tensor | None
-    peak: Tensor | None = None
+    exp: Tensor | None = None
+    row_max: Tensor | None = None
     raw: Tensor | None = None
-    norm: Tensor | None = None
     leaf: Tensor | None = None
+    x: Tensor | None = None
 
 
-def _evaluate(feature_map: FeatureMap, x: Tensor, graph: bool, *, with_norm: bool):
-    """The map's raw output (projection for exponential maps, phi itself otherwise), its log-norm
-    when asked (exponential keys), and the leaf they hang from when `graph` (backward pass)."""
-    if feature_map.identity:
-        return x, None, x
-    leaf = x.detach().requires_grad_() if graph else x
-    with torch.set_grad_enabled(graph):
-        if not feature_map.exponential:
-            return feature_map(leaf), None, leaf
-        norm = feature_map.log_norm(leaf) if with_norm else None  # (B, H, n)
-        return feature_map.projection(leaf), norm, leaf  # (B, H, n, m)
+def _explicit(feature_map: FeatureMap) -> bool:
+    """Exponential maps with hand-derived gradients of their parts (no local autograd): FAVOR+."""
+    return feature_map.exponential and hasattr(feature_map, "projection_backward")
 
 
-def _stabilised(feature_map: FeatureMap, projection: Tensor, graph: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """exp(P - max_f P) + eps (B, H, n, m), each row's max and (for the backward pass) where it is:
-    phi(x) / exp(max + log_norm). Overwrites `projection` (a detached buffer nobody reads again)."""
-    if graph:
-        row_max, peak = projection.max(dim=-1)  # (B, H, n) each: the max and where it is
-    else:
-        row_max, peak = projection.amax(dim=-1), None  # (B, H, n)
-    phi = projection.sub_(row_max[..., None]).exp_().add_(feature_map.epsilon)  # (B, H, n, m), in (0, 1 + eps]
-    return phi, row_max, peak
+def _stabilised(feature_map: FeatureMap, x: Tensor, row_max: Tensor | None, with_eps: bool, keep_exp: bool = True):
+    """(phi, exp(P - max_f P), max_f P) for an exponential map, P = projection(x) (B, H, n, m): phi =
+    exp(P - max) (+ eps), i.e. phi(x) / exp(max + log_norm). `row_max` given (the backward pass): the
+    forward's, so the recomputed exponentials are bitwise the forward's and no max is taken. Without
+    `keep_exp` (no backward pass follows) the epsilon is added in place: exp is then phi."""
+    projection = feature_map.projection(x)  # (B, H, n, m), a fresh buffer overwritten below
+    if row_max is None:
+        row_max = projection.amax(dim=-1)  # (B, H, n)
+    exp = torch.sub(projection, row_max[..., None], out=projection).exp_()  # (B, H, n, m), in (0, 1]
+    phi = (exp + feature_map.epsilon if keep_exp else exp.add_(feature_map.epsilon)) if with_eps else exp
+    return phi, exp, row_max
 
 
-def _query_features(feature_map: FeatureMap, x: Tensor, graph: bool) -> _Features:
+def _query_features(feature_map: FeatureMap, x: Tensor, graph: bool, *, row_max: Tensor | None = None,
+                    with_eps: bool = True) -> _Features:
     """phi(q) up to a per-row constant, which cancels in the normalised output (a query's log-norm is
     never computed)."""
-    raw, _, leaf = _evaluate(feature_map, x, graph, with_norm=False)
-    if not feature_map.exponential:
-        return _Features(raw.detach(), None, None, raw, None, leaf)
-    phi, _, peak = _stabilised(feature_map, raw.detach(), graph)
-    return _Features(phi, None, peak, raw, None, leaf)
+    if feature_map.identity:
+        return _Features(x, None, leaf=x)
+    if feature_map.exponential:
+        phi, exp, row_max = _stabilised(feature_map, x, row_max, with_eps, keep_exp=graph)
+        return _Features(phi, None, exp, row_max, x=x)
+    leaf = x.detach().requires_grad_() if graph else x
+    with torch.set_grad_enabled(graph):
+        raw = feature_map(leaf)
+    return _Features(raw.detach(), None, raw=raw, leaf=leaf)
 
 
-def _key_features(feature_map: FeatureMap, x: Tensor, mask: Tensor | None, graph: bool) -> _Features:
+def _key_features(feature_map: FeatureMap, x: Tensor, mask: Tensor | None, graph: bool, *,
+                  row_max: Tensor | None = None, with_eps: bool = True) -> _Features:
     """Key features phi(k) exp(-g) and log-scales g (so phi = features e^g): for exponential maps
     g = max_f P + log_norm and the features are <= 1 + eps; for direct maps g = 0. Padded keys get
     g = -inf (weight 0)."""
-    raw, norm, leaf = _evaluate(feature_map, x, graph, with_norm=True)
+    features = _query_features(feature_map, x, graph, row_max=row_max, with_eps=with_eps)
     if feature_map.exponential:
-        phi, row_max, peak = _stabilised(feature_map, raw.detach(), graph)
-        log_scale = row_max + norm.detach()  # (B, H, n)
+        log_scale = features.row_max + feature_map.log_norm(x)  # (B, H, n)
     else:
-        phi, peak = raw.detach(), None
-        log_scale = phi.new_zeros(phi.shape[:-1])  # (B, H, n)
+        log_scale = features.phi.new_zeros(features.phi.shape[:-1])  # (B, H, n)
     if mask is not None:
         log_scale = log_scale.masked_fill(~mask[:, None, :], NEG_INF)
-    return _Features(phi, log_scale, peak, raw, norm, leaf)
+    features.log_scale = log_scale
+    return features
 
 
-def _features_backward(feature_map: FeatureMap, features: _Features, grad_phi: Tensor) -> Tensor:
+def _features_backward(feature_map: FeatureMap, features: _Features, grad_phi: Tensor, *,
+                       grad_sum: Tensor | None = None, grad_norm: Tensor | None = None,
+                       keys: bool = False, out: Tensor | None = None) -> Tensor:
     """d loss / d x from d loss / d phi (the per-row factors that the caller applied held fixed).
 
     Exponential maps: phi_f = exp(P_f - M) + eps with M = max_f P, scaled by exp(M + log_norm). The
-    exp term gives grad_phi (phi - eps); the eps term follows M, i.e. the row's largest projection;
-    the key log-norm multiplies the whole row, so it gets sum_f grad_phi phi. (Queries have no
-    log-norm: it cancels.)"""
+    exp term gives grad_phi exp(P - M); the eps term follows M, i.e. the row's largest projection,
+    where exp(P - M) is exactly 1 (so its floor is the one-hot of the max: no max with indices, no
+    scatter); the key log-norm multiplies the whole row, so it gets sum_f grad_phi phi. (Queries have
+    no log-norm: it cancels.) The row sums `grad_sum` = sum_f grad_phi and (keys) `grad_norm` =
+    sum_f grad_phi phi may be given when the caller has them cheaply from its (n, d + 1) products.
+    `grad_phi` and `features.exp` are overwritten. With `out` (any strides) the gradient is written there."""
     if feature_map.identity:
-        return grad_phi
+        return grad_phi if out is None else out.copy_(grad_phi)
     if not feature_map.exponential:
-        return torch.autograd.grad(features.raw, features.leaf, grad_phi)[0]
+        grad_x = torch.autograd.grad(features.raw, features.leaf, grad_phi)[0]
+        return grad_x if out is None else out.copy_(grad_x)
     eps = feature_map.epsilon
-    grad_eps = grad_phi.sum(-1, keepdim=True) * eps  # (B, H, n, 1): through each row's eps term
-    grad_raw = grad_phi.mul_(features.phi.sub_(eps))  # (B, H, n, m), in place: phi is not needed after this
-    grad_norm = None if features.norm is None else grad_raw.sum(-1) + grad_eps[..., 0]  # sum_f grad_phi phi
-    grad_raw.scatter_add_(-1, features.peak[..., None], grad_eps)  # the eps term follows the row's max
-    if grad_norm is None:
-        return torch.autograd.grad(features.raw, features.leaf, grad_raw)[0]
-    return torch.autograd.grad((features.raw, features.norm), features.leaf, (grad_raw, grad_norm))[0]
+    if grad_sum is None:
+        grad_sum = grad_phi.sum(-1)  # (B, H, n)
+    grad_raw = grad_phi.mul_(features.exp)  # (B, H, n, m): through the exp term, in place
+    if keys and grad_norm is None:
+        grad_norm = grad_raw.sum(-1) + eps * grad_sum  # sum_f grad_phi (exp + eps)
+    peak = features.exp.floor_()  # (B, H, n, m): 1 at each row's max (exp(0)), 0 elsewhere
+    grad_raw.addcmul_(peak, (eps * grad_sum)[..., None])  # the eps term follows the row's max
+    if _explicit(feature_map):
+        if out is not None:  # (B, H, n, d), no temporary
+            return feature_map.backward_into(out, grad_raw, *((features.x, grad_norm) if keys else ()))
+        grad_x = feature_map.projection_backward(grad_raw)  # (B, H, n, d)
+        return grad_x.add_(feature_map.log_norm_backward(features.x, grad_norm)) if keys else grad_x
+    leaf = features.x.detach().requires_grad_()  # another exponential map: its parts through local autograd
+    with torch.enable_grad():
+        outputs, grads = [feature_map.projection(leaf)], [grad_raw]
+        if keys:
+            outputs.append(feature_map.log_norm(leaf))
+            grads.append(grad_norm)
+        grad_x = torch.autograd.grad(outputs, leaf, grads)[0]
+        return grad_x if out is None else out.copy_(grad_x)
 
 
 # ----------------------------------------------------------------------------- bidirectional
 class _BidirectionalKernelAttention(torch.autograd.Function):
-    """out = normalise(phi(Q) S), S = sum_j phi(k_j) [v_j, 1]^T, segment by segment (see module doc)."""
+    """out = normalise(phi(Q) S), S = sum_j phi(k_j) [v_j, 1]^T, segment by segment (see module doc).
+
+    Exponential maps keep the epsilon out of the (n, m) features: phi = E + eps with E = exp(P - max),
+    so phi^T A = E^T A + eps 1^T A and phi B = E B + eps 1^T B, where the eps terms are column sums
+    of (n, d + 1) or (m, d + 1) matrices (rank-one corrections, no pass over the features). The
+    row sums that the features' gradients need come from the same small matrices too. The forward
+    pass saves each row's max (B, H, N numbers per side), so the backward pass takes none."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, feature_map, segment_size):
         B, H, n, d = v.shape
         spans = _spans(n, segment_size)
+        folded = feature_map.exponential  # the eps term as a rank-one correction (see the class doc)
+        eps = feature_map.epsilon
         kv = q.new_zeros(B, H, feature_map.num_features, d + 1)  # (B, H, m, d + 1) relative to exp(log_ref)
         log_ref = q.new_full((B, H), NEG_INF)
+        query_max, key_max = (q.new_empty(B, H, n) for _ in range(2)) if folded else (None, None)
         for s, e in spans:
             mask = _segment_mask(key_mask, s, e)
-            keys = _key_features(feature_map, k[..., s:e, :], mask, graph=False)
+            keys = _key_features(feature_map, k[..., s:e, :], mask, graph=False, with_eps=not folded)
             segment_ref = keys.log_scale.amax(dim=-1)  # (B, H)
             values = _values_with_ones(v[..., s:e, :], _decay(keys.log_scale, segment_ref[..., None]), mask)
             summary = keys.phi.transpose(-1, -2) @ values  # (B, H, m, d + 1)
+            if folded:
+                key_max[..., s:e] = keys.row_max
+                summary += eps * values.sum(-2, keepdim=True)  # the eps term: (B, H, 1, d + 1)
             new_ref = torch.maximum(log_ref, segment_ref)  # (B, H)
             kv = kv * _decay(log_ref, new_ref)[..., None, None] + summary * _decay(segment_ref, new_ref)[..., None, None]
             log_ref = new_ref
         out, normaliser = heads_last(v, n), v.new_empty(B, H, n)
+        kv_sum = eps * kv.sum(-2, keepdim=True) if folded else None  # (B, H, 1, d + 1)
         for s, e in spans:
-            out1 = _query_features(feature_map, q[..., s:e, :], graph=False).phi @ kv  # (B, H, n_s, d + 1)
+            queries = _query_features(feature_map, q[..., s:e, :], graph=False, with_eps=not folded)
+            out1 = queries.phi @ kv  # (B, H, n_s, d + 1)
+            if folded:
+                query_max[..., s:e] = queries.row_max
+                out1 += kv_sum
             _normalise(out1, out[..., s:e, :], normaliser[..., s:e])
-        ctx.save_for_backward(q, k, v, key_mask, kv, log_ref, out, normaliser)
+        ctx.save_for_backward(q, k, v, key_mask, kv, log_ref, out, normaliser, query_max, key_max)
         ctx.feature_map, ctx.segment_size = feature_map, segment_size
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, key_mask, kv, log_ref, out, normaliser = ctx.saved_tensors
+        q, k, v, key_mask, kv, log_ref, out, normaliser, query_max, key_max = ctx.saved_tensors
         feature_map = ctx.feature_map
+        folded, eps = feature_map.exponential, feature_map.epsilon
         spans = _spans(q.shape[-2], ctx.segment_size)
         grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         grad_kv = torch.zeros_like(kv)  # (B, H, m, d + 1)
+        kv_sum = kv.sum(-2, keepdim=True) if folded else None  # (B, H, 1, d + 1): sum_f kv_f
         for s, e in spans:
-            queries = _query_features(feature_map, q[..., s:e, :], graph=True)
+            queries = _query_features(feature_map, q[..., s:e, :], graph=True, with_eps=not folded,
+                                      row_max=None if query_max is None else query_max[..., s:e])
             grad_out1 = _normalise_backward(out[..., s:e, :], normaliser[..., s:e], grad_out[..., s:e, :])  # (B,H,n_s,d+1)
             grad_kv += queries.phi.transpose(-1, -2) @ grad_out1
-            grad_q[..., s:e, :] = _features_backward(feature_map, queries, grad_out1 @ kv.transpose(-1, -2))
+            grad_phi = grad_out1 @ kv.transpose(-1, -2)  # (B, H, n_s, m)
+            if not folded:
+                _features_backward(feature_map, queries, grad_phi, out=grad_q[..., s:e, :])
+                continue
+            grad_kv += eps * grad_out1.sum(-2, keepdim=True)
+            grad_sum = (grad_out1 * kv_sum).sum(-1)  # (B, H, n_s): sum_f grad_phi
+            _features_backward(feature_map, queries, grad_phi, grad_sum=grad_sum, out=grad_q[..., s:e, :])
+        grad_kv_sum = grad_kv.sum(-2, keepdim=True) if folded else None  # (B, H, 1, d + 1)
         for s, e in spans:
             mask = _segment_mask(key_mask, s, e)
-            keys = _key_features(feature_map, k[..., s:e, :], mask, graph=True)
+            keys = _key_features(feature_map, k[..., s:e, :], mask, graph=True, with_eps=not folded,
+                                 row_max=None if key_max is None else key_max[..., s:e])
             weights = _decay(keys.log_scale, log_ref[..., None])  # (B, H, n_s): relative to the max over all keys
             values = _values_with_ones(v[..., s:e, :], weights, mask)  # (B, H, n_s, d + 1)
-            grad_v[..., s:e, :] = (keys.phi @ grad_kv)[..., :-1] * weights[..., None]
-            grad_k[..., s:e, :] = _features_backward(feature_map, keys, values @ grad_kv.transpose(-1, -2))
+            phi_grad_kv = keys.phi @ grad_kv  # (B, H, n_s, d + 1)
+            if folded:
+                phi_grad_kv += eps * grad_kv_sum
+            torch.mul(phi_grad_kv[..., :-1], weights[..., None], out=grad_v[..., s:e, :])
+            grad_phi = values @ grad_kv.transpose(-1, -2)  # (B, H, n_s, m)
+            if not folded:
+                _features_backward(feature_map, keys, grad_phi, out=grad_k[..., s:e, :])
+                continue
+            grad_sum = (values * grad_kv_sum).sum(-1)  # (B, H, n_s): sum_f grad_phi
+            grad_norm = (values * phi_grad_kv).sum(-1)  # sum_f grad_phi phi
+            _features_backward(feature_map, keys, grad_phi, grad_sum=grad_sum, grad_norm=grad_norm, keys=True,
+                               out=grad_k[..., s:e, :])
         return grad_q, grad_k, grad_v, None, None, None
 
 
@@ -347,10 +420,11 @@ class _CausalKernelAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         grad_kv = torch.zeros_like(entry_kv[0]) if grad_kv_out is None else grad_kv_out
         for i, (s, e) in reversed(list(enumerate(spans))):
-            grad_q[..., s:e, :], grad_k[..., s:e, :], grad_v[..., s:e, :], grad_kv = _causal_segment(
+            grad_kv = _causal_segment(
                 q[..., s:e, :], k[..., s:e, :], v[..., s:e, :], _segment_mask(key_mask, s, e), entry_kv[i],
                 entry_ref[i], ctx.feature_map, ctx.chunk_size, out=out[..., s:e, :], normaliser=normaliser[..., s:e],
                 grad_out=grad_out[..., s:e, :], grad_kv_out=grad_kv,
+                grad_inputs=(grad_q[..., s:e, :], grad_k[..., s:e, :], grad_v[..., s:e, :]),
             )
         grad_kv_in = grad_kv if ctx.needs_input_grad[4] else None
         return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
@@ -436,10 +510,11 @@ def _within_chunks(scores: Tensor, w: _ScanWeights | None) -> Tensor:
 
 
 def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, out, normaliser, grad_out=None,
-                    grad_kv_out=None):
+                    grad_kv_out=None, grad_inputs=None):
     """One segment of the chunked causal scan. Forward: writes `out` (B, H, n, d) and `normaliser`
-    (B, H, n), returns (kv_out, ref_out). Given the gradients of its outputs (and the outputs):
-    -> (grad_q, grad_k, grad_v, grad_kv_in), recomputing the forward pieces it needs.
+    (B, H, n), returns (kv_out, ref_out). Given the gradients of its outputs (and the outputs): writes
+    the gradients of q, k, v into `grad_inputs` (three (B, H, n, d) tensors, any strides) and returns
+    grad_kv_in, recomputing the forward pieces it needs.
 
     Direct maps need no stabiliser (padded keys are zero rows of V1), so their scan is plain:
     unit weights, prefix sums between chunks, the causal triangle inside them."""
@@ -481,12 +556,17 @@ def _causal_segment(q, k, v, mask, kv_in, ref_in, feature_map, chunk_size, *, ou
     grad_phi_k += weighted_v1 @ grad_summaries.transpose(-1, -2)
     grad_v1 += _scaled(phi_k @ grad_summaries, None if w is None else w.key_weights)
     # through the feature maps
-    grad_q = _features_backward(feature_map, queries, grad_phi_q.flatten(2, 3))[..., :n, :]
-    grad_k = _features_backward(feature_map, keys, grad_phi_k.flatten(2, 3))[..., :n, :]
-    grad_v = grad_v1.flatten(2, 3)[..., :n, :d]  # (B, H, n, d)
+    grad_q, grad_k, grad_v = grad_inputs
+    if pad == 0:  # straight into the caller's buffers
+        _features_backward(feature_map, queries, grad_phi_q.flatten(2, 3), out=grad_q)
+        _features_backward(feature_map, keys, grad_phi_k.flatten(2, 3), keys=True, out=grad_k)
+    else:
+        grad_q.copy_(_features_backward(feature_map, queries, grad_phi_q.flatten(2, 3))[..., :n, :])
+        grad_k.copy_(_features_backward(feature_map, keys, grad_phi_k.flatten(2, 3), keys=True)[..., :n, :])
+    grad_v.copy_(grad_v1.flatten(2, 3)[..., :n, :d])  # (B, H, n, d)
     if mask is not None:
-        grad_v = grad_v.masked_fill(~mask[:, None, :n, None], 0.0)
-    return grad_q, grad_k, grad_v, grad_kv_in
+        grad_v.masked_fill_(~mask[:, None, :n, None], 0.0)
+    return grad_kv_in
 
 
 # ----------------------------------------------------------------------------- the slow reference
