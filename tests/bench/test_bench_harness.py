@@ -1,16 +1,14 @@
 """The timing harness on a fake clock (exact, no sleeping), the FLOP count against the analytic
-count, failure classification and the progress bar."""
+count and failure classification (the progress bar: tests/test_progress.py)."""
 
 from __future__ import annotations
 
-import io
 import types
 
 import pytest
 import torch
 
 from efficient_transformers.bench import harness
-from efficient_transformers.bench.progress import ProgressBar
 
 
 class FakeClock:
@@ -121,20 +119,6 @@ def test_workload_round_trips_through_json_and_rejects_bad_factories():
         harness.load_factory("not_a_factory")
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
         harness.load_factory(f"{__file__}:nope")
-
-
-def test_progress_bar_draws_on_a_terminal_only():
-    quiet = io.StringIO()
-    bar = ProgressBar(4, stream=quiet)  # StringIO is not a terminal
-    bar.advance(description="vanilla N=64 forward")
-    bar.close()
-    assert quiet.getvalue() == ""
-    shown = io.StringIO()
-    bar = ProgressBar(4, stream=shown, enabled=True, width=8, min_interval_s=0)
-    bar.advance(2, description="performer N=1024 train: memory probe")
-    bar.close()
-    assert "\r[####----] 2/4 00:00 performer N=1024 train: memory probe" in shown.getvalue()
-    assert shown.getvalue().endswith("\n")
 
 
 def test_a_known_slow_step_time_replaces_the_timed_warm_up_call(clock):

@@ -133,3 +133,20 @@ def test_generated_images_use_the_pixel_range():
     tokens = np.stack([ds[i]["tokens"].numpy() for i in range(len(ds))])
     assert tokens.min() == 1 and tokens.max() == 256  # pixels 0 and 255 both occur
     assert len({t.tobytes() for t in tokens}) == len(tokens)
+
+
+def test_pool_averages_patches_and_sets_the_natural_length():
+    task = get_task("image")
+    full = task.datasets(seed=3, num_train=4, num_val=1, num_test=1)
+    pooled = task.datasets(seed=3, num_train=4, num_val=1, num_test=1, pool=2)
+    assert task.natural_max_len({"pool": 2}) == 256 and task.data_shape({"pool": 2}) == (16, 16)
+    for i in range(4):
+        gray = (full["train"][i]["tokens"] - 1).numpy().reshape(32, 32).astype(float)
+        expected = np.floor(gray.reshape(16, 2, 16, 2).mean(axis=(1, 3)) + 0.5).reshape(-1)
+        assert np.array_equal((pooled["train"][i]["tokens"] - 1).numpy(), expected)
+        assert pooled["train"][i]["label"] == full["train"][i]["label"]
+    images = np.arange(1024, dtype=np.int64).astype(np.uint8)[None]  # (1, 1024)
+    assert I.pool_images(images, 1) is images
+    for bad in (3, 0, True, "2"):
+        with pytest.raises(ValueError, match="pool must be a divisor of 32"):
+            task.datasets(seed=0, num_train=1, num_val=1, num_test=1, pool=bad)

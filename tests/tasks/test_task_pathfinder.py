@@ -3,8 +3,6 @@ built-in PNG decoder."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -83,71 +81,35 @@ def test_path_x_size_and_default_length():
         get_task("pathfinder").datasets(paddle_length="long", num_train=1, num_val=1, num_test=1)
 
 
-# -- PNG ---------------------------------------------------------------------------------------
+# -- PNG (Pillow) -------------------------------------------------------------------------------
 
 
-def png_with_filters(pixels: np.ndarray, color_type: int) -> bytes:
-    """A PNG whose rows use filter types 0, 1, 2, 3, 4 in turn (forward filters written out)."""
-    height, width = pixels.shape[:2]
-    bpp = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
-    rows = pixels.reshape(height, width * bpp).astype(np.int64)
-    out = b""
-    prev = np.zeros(width * bpp, dtype=np.int64)
-    for r in range(height):
-        ftype = r % 5
-        cur = rows[r]
-        left = np.concatenate([np.zeros(bpp, dtype=np.int64), cur[:-bpp]])
-        upleft = np.concatenate([np.zeros(bpp, dtype=np.int64), prev[:-bpp]])
-        if ftype == 0:
-            f = cur
-        elif ftype == 1:
-            f = cur - left
-        elif ftype == 2:
-            f = cur - prev
-        elif ftype == 3:
-            f = cur - (left + prev) // 2
-        else:
-            pred = [P._paeth(int(a), int(b), int(c)) for a, b, c in zip(left, prev, upleft)]
-            f = cur - np.array(pred)
-        out += bytes([ftype]) + (f % 256).astype(np.uint8).tobytes()
-        prev = cur
+def test_png_round_trip_and_colour_through_luma(tmp_path):
+    from PIL import Image
 
-    def chunk(t, body):
-        return struct.pack(">I", len(body)) + t + body + struct.pack(">I", zlib.crc32(t + body))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(out)) + chunk(b"IEND", b""))
-
-
-def test_builtin_png_decoder_handles_every_filter():
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, size=(11, 7), dtype=np.uint8)
-    assert np.array_equal(P.decode_png_builtin(png_with_filters(gray, 0)), gray)
-    ga = np.stack([gray, 255 - gray], axis=-1)
-    assert np.array_equal(P.decode_png_builtin(png_with_filters(ga, 4)), gray)
+    assert np.array_equal(P.decode_png(P.encode_png(gray)), gray)
     rgb = rng.integers(0, 256, size=(9, 6, 3), dtype=np.uint8)
-    expected = np.floor(rgb.astype(float) @ np.array([0.299, 0.587, 0.114]) + 0.5).astype(np.uint8)
-    assert np.array_equal(P.decode_png_builtin(png_with_filters(rgb, 2)), expected)
-    assert np.array_equal(P.decode_png_builtin(P.encode_png(gray)), gray)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "c.png")
+    expected = (rgb.astype(np.int64) @ np.array([299, 587, 114]) + 500) // 1000  # Pillow's rounded ITU-R 601-2 luma
+    assert np.abs(P.read_png(tmp_path / "c.png").astype(np.int64) - expected).max() <= 1
+    rgba = np.concatenate([rgb, np.full((9, 6, 1), 7, np.uint8)], axis=-1)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    assert np.array_equal(P.read_png(tmp_path / "a.png"), P.read_png(tmp_path / "c.png"))  # alpha ignored
 
 
-def test_builtin_decoder_agrees_with_pillow(tmp_path):
-    PIL = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(1)
-    gray = (rng.random((32, 32)) ** 3 * 255).astype(np.uint8)
-    path = tmp_path / "g.png"
-    PIL.fromarray(gray, mode="L").save(path, optimize=True)
-    assert np.array_equal(P.decode_png_builtin(path.read_bytes()), gray)
-    assert np.array_equal(P.read_png(path), gray)
-
-
-def test_builtin_decoder_rejects_bad_data():
-    with pytest.raises(ValueError, match="signature"):
-        P.decode_png_builtin(b"GIF89a....")
-    data = P.encode_png(np.zeros((4, 4), np.uint8))
-    sixteen_bit = data.replace(struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0), struct.pack(">IIBBBBB", 4, 4, 16, 0, 0, 0, 0))
-    with pytest.raises(ValueError, match="bit depth 16"):
-        P.decode_png_builtin(sixteen_bit)
+def test_bad_png_data_names_the_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a....")
+    with pytest.raises(ValueError, match=r"bad\.png: expected a PNG image"):
+        P.read_png(bad)
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "g.gif")
+    with pytest.raises(ValueError, match="not a PNG file"):
+        P.read_png(tmp_path / "g.gif")
+    with pytest.raises(FileNotFoundError, match="Pathfinder image not found"):
+        P.read_png(tmp_path / "missing.png")
 
 
 # -- the LRA layout loader ---------------------------------------------------------------------

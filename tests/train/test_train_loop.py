@@ -167,21 +167,3 @@ def test_batch_statistics_ignore_padding_in_language_models(tiny_task):
     assert float(loss_sum.detach()) == pytest.approx(float(manual), rel=1e-5)
 
 
-def test_progress_bar_draws_on_a_terminal_and_stays_silent_in_a_pipe():
-    import io
-
-    from efficient_transformers.train.progress import ProgressBar
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    tty, pipe = Terminal(), io.StringIO()
-    for stream in (tty, pipe):
-        bar = ProgressBar(4, "listops/vanilla", stream=stream)
-        for i in range(1, 5):
-            bar.update(i, loss=0.5)
-        bar.close()
-    assert pipe.getvalue() == ""
-    assert tty.getvalue().startswith("\rlistops/vanilla [")
-    assert "4/4 loss 0.5" in tty.getvalue() and tty.getvalue().endswith("\n")

@@ -3,7 +3,9 @@ pixel in row-major order, 1024 tokens per 32x32 image, 10 classes.
 
 Tokens are ``gray + 1`` (vocabulary 257, 0 = PAD), where ``gray = round(0.2989 R + 0.5870 G + 0.1140 B)``
 (the luma weights of ``tf.image.rgb_to_grayscale``, which LRA uses; rounded half up here).
-No augmentation, no 2-D positions: the model sees a flat sequence.
+No augmentation, no 2-D positions: the model sees a flat sequence. Option ``pool`` (default 1) averages
+each ``pool x pool`` patch first (``pool=2``: 16x16 = 256 tokens, used by `eft lra --quick`), for the
+generated and the official images alike.
 
 Official format: the CIFAR-10 python batches ``data_batch_1`` .. ``data_batch_5`` and
 ``test_batch`` (in ``data_dir`` or in ``data_dir/cifar-10-batches-py``). Each is a pickled dict with
@@ -22,12 +24,14 @@ polarity, a random brightness gradient and Gaussian pixel noise. Labels are bala
 from __future__ import annotations
 
 import importlib
+import math
 import pickle
 from pathlib import Path
 
 import numpy as np
 
 from .base import (
+    BOTH,
     BYTE_VOCAB,
     ClassificationDataset,
     Ragged,
@@ -173,6 +177,22 @@ def draw_image(rng: np.random.Generator, label: int, side: int = SIDE) -> np.nda
     return np.clip(np.floor(img + 0.5), 0, 255).astype(np.uint8)
 
 
+def _check_pool(pool) -> int:
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1 or SIDE % pool:
+        raise ValueError(f"image: pool must be a divisor of {SIDE} (1, 2, 4, 8, 16, 32), got {pool!r}")
+    return pool
+
+
+def pool_images(images: np.ndarray, pool: int) -> np.ndarray:
+    """(n, 1024) uint8 row-major 32x32 images -> (n, (32 / pool)^2): the mean of each pool x pool patch,
+    rounded half up (pool 1 returns the images unchanged)."""
+    if pool == 1:
+        return images
+    side = SIDE // pool
+    patches = images.reshape(len(images), side, pool, side, pool).astype(np.float64)  # (n, s, p, s, p)
+    return np.floor(patches.mean(axis=(2, 4)) + 0.5).astype(np.uint8).reshape(len(images), side * side)
+
+
 def generate_images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` synthetic images (n, 1024) uint8 and balanced labels (n,)."""
     labels = balanced_labels(rng, n, 10)
@@ -191,19 +211,26 @@ class ImageTask(Task):
     default_max_len = SIDE * SIDE
     metric = "accuracy"
     default_sizes = (5000, 500, 500)
-    options = {}
+    options = {"pool": (1, BOTH)}  # average-pool each pool x pool patch: a (32 / pool)^2-token image
 
     def data_shape(self, opts):
-        return (SIDE, SIDE)
+        side = SIDE // _check_pool(opts.get("pool", 1))
+        return (side, side)
 
-    def _generate(self, *, seed, max_len, sizes):
+    def natural_max_len(self, opts):
+        return math.prod(self.data_shape(opts))
+
+    def _generate(self, *, seed, max_len, sizes, pool):
+        _check_pool(pool)
         out = {}
         for split in ("train", "val", "test"):
             images, labels = generate_images(split_rng(seed, self.name, split), sizes[split])
-            out[split] = ClassificationDataset(Ragged.from_matrix(images), labels, shift=1, max_len=max_len)
+            out[split] = ClassificationDataset(Ragged.from_matrix(pool_images(images, pool)), labels, shift=1,
+                                               max_len=max_len)
         return out
 
-    def _load(self, root, *, max_len, sizes):
+    def _load(self, root, *, max_len, sizes, pool):
+        _check_pool(pool)
         base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
         max_len = self.default_max_len if max_len is None else max_len
         parts = [read_batch(base / name) for name in TRAIN_FILES]
@@ -217,5 +244,6 @@ class ImageTask(Task):
         for split, (rgb, y) in raw.items():
             if sizes[split] is not None:
                 rgb, y = rgb[: sizes[split]], y[: sizes[split]]
-            out[split] = ClassificationDataset(Ragged.from_matrix(to_grayscale(rgb)), y, shift=1, max_len=max_len)
+            out[split] = ClassificationDataset(Ragged.from_matrix(pool_images(to_grayscale(rgb), pool)), y, shift=1,
+                                               max_len=max_len)
         return out

@@ -18,8 +18,8 @@ layout, taken from how LRA's TFDS builder and later readers (e.g. S4's) read it:
 
 The release has no splits; as in LRA (80/10/10) a fixed permutation (independent of ``seed``) of
 all rows gives train / val / test. Images are decoded lazily in ``__getitem__`` (the release holds
-hundreds of thousands); with Pillow installed it decodes them, otherwise a small built-in PNG
-decoder does (8-bit, non-interlaced). ``max_len=None`` keeps whole images.
+hundreds of thousands) by Pillow (8-bit grey, palette or RGB, with or without alpha; colour
+through Pillow's luma). ``max_len=None`` keeps whole images.
 
 Generator (``data_dir=None``), written from the description of Linsley's generator, not its code:
 every image holds two long dashed "snakes" of ``contour_length`` paddles (short line segments of
@@ -49,12 +49,12 @@ defaults 1000 / 200 / 200 images (about 5 ms each at 32x32).
 
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 from torch.utils.data import Dataset
 
 from .base import (
@@ -78,81 +78,16 @@ DIFFICULTY = {"easy": "curv_baseline", "intermediate": "curv_contour_length_9", 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 # ----------------------------------------------------------------------------------------------
-# PNG (8-bit) reading and writing
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (8-bit only)
+# PNG reading and writing (Pillow)
 
 
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-def _unfilter(raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)  # (H, 1 + stride)
-    out = np.zeros((height, stride), dtype=np.uint8)  # (H, stride)
-    prev = np.zeros(stride, dtype=np.uint8)
-    for r in range(height):
-        ftype, line = int(rows[r, 0]), rows[r, 1:]
-        if ftype == 0:  # None
-            cur = line.copy()
-        elif ftype == 1:  # Sub: running sum along each channel
-            cur = (np.cumsum(line.reshape(-1, bpp).astype(np.int64), axis=0) % 256).astype(np.uint8).reshape(-1)
-        elif ftype == 2:  # Up
-            cur = line + prev
-        elif ftype in (3, 4):  # Average, Paeth: sequential within the row
-            cur = bytearray(stride)
-            for x in range(stride):
-                a = cur[x - bpp] if x >= bpp else 0
-                b = int(prev[x])
-                if ftype == 3:
-                    pred = (a + b) // 2
-                else:
-                    pred = _paeth(a, b, int(prev[x - bpp]) if x >= bpp else 0)
-                cur[x] = (int(line[x]) + pred) & 0xFF
-            cur = np.frombuffer(bytes(cur), dtype=np.uint8)
-        else:
-            raise ValueError(f"unknown PNG filter type {ftype} in row {r}")
-        out[r] = cur
-        prev = out[r]
-    return out
-
-
-def decode_png_builtin(data: bytes) -> np.ndarray:
-    """Decode an 8-bit, non-interlaced PNG (grey, grey+alpha, RGB, RGBA) to (H, W) uint8 grey
-    (colour through the luma weights 0.299/0.587/0.114, alpha ignored)."""
-    if not data.startswith(_PNG_SIGNATURE):
-        raise ValueError("not a PNG file (bad signature)")
-    pos, header, idat = len(_PNG_SIGNATURE), None, []
-    while pos + 8 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
-        chunk = data[pos + 8 : pos + 8 + length]
-        if len(chunk) != length:
-            raise ValueError(f"truncated PNG chunk {ctype!r}")
-        if ctype == b"IHDR":
-            header = struct.unpack(">IIBBBBB", chunk)
-        elif ctype == b"IDAT":
-            idat.append(chunk)
-        elif ctype == b"IEND":
-            break
-        pos += 12 + length
-    if header is None or not idat:
-        raise ValueError("PNG without IHDR or IDAT chunks")
-    width, height, depth, ctype, _, _, interlace = header
-    if depth != 8 or interlace != 0 or ctype not in _CHANNELS:
-        raise ValueError(f"unsupported PNG (bit depth {depth}, colour type {ctype}, interlace {interlace}); "
-                         "install Pillow to read it")
-    ch = _CHANNELS[ctype]
-    raw = zlib.decompress(b"".join(idat))
-    if len(raw) != height * (width * ch + 1):
-        raise ValueError(f"PNG image data has {len(raw)} bytes, expected {height * (width * ch + 1)}")
-    pix = _unfilter(raw, height, width * ch, ch).reshape(height, width, ch)  # (H, W, ch)
-    if ch <= 2:
-        return np.ascontiguousarray(pix[:, :, 0])
-    rgb = pix[:, :, :3].astype(np.float64)
-    return np.clip(np.floor(rgb @ np.array([0.299, 0.587, 0.114]) + 0.5), 0, 255).astype(np.uint8)
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> (H, W) uint8 grey pixels; colour is converted to luma by Pillow's ``convert("L")``
+    (ITU-R 601-2: L = 0.299 R + 0.587 G + 0.114 B), alpha ignored. Not a PNG: ValueError."""
+    with PILImage.open(io.BytesIO(data)) as im:
+        if im.format != "PNG":
+            raise ValueError(f"not a PNG file (format {im.format})")
+        return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -162,33 +97,16 @@ def read_png(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise missing_file(path, "Pathfinder image") from None
     try:
-        from PIL import Image as PILImage  # optional: much faster than the built-in decoder
-    except ImportError:
-        PILImage = None
-    try:
-        if PILImage is not None:
-            import io
-
-            with PILImage.open(io.BytesIO(data)) as im:
-                if im.format != "PNG":
-                    raise ValueError(f"not a PNG file (format {im.format})")
-                return np.asarray(im.convert("L"), dtype=np.uint8)
-        return decode_png_builtin(data)
+        return decode_png(data)
     except Exception as e:  # noqa: BLE001  (any decoding failure means a malformed file)
-        raise data_error(path, None, f"an 8-bit PNG image [{type(e).__name__}: {e}]") from None
+        raise data_error(path, None, f"a PNG image [{type(e).__name__}: {e}]") from None
 
 
 def encode_png(gray: np.ndarray) -> bytes:
-    """(H, W) uint8 -> PNG bytes (8-bit grey, filter type None)."""
-    gray = np.ascontiguousarray(gray, dtype=np.uint8)
-    height, width = gray.shape
-    raw = b"".join(b"\x00" + gray[r].tobytes() for r in range(height))
-
-    def chunk(ctype: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body) & 0xFFFFFFFF)
-
-    return (_PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    """(H, W) uint8 -> PNG bytes (8-bit grey)."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(gray, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,8 +133,6 @@ def _metadata_rows(path: Path) -> list[tuple[int, list[str]]]:
     data = path.read_bytes()
     if data.startswith(b"\x93NUMPY"):
         try:
-            import io
-
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as e:  # noqa: BLE001
             raise data_error(path, None, f"a NumPy array of strings [{type(e).__name__}: {e}]") from None

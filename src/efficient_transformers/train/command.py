@@ -5,11 +5,15 @@
     eft train --task text --attention vanilla --data /data/aclImdb --bf16
     eft train --task listops --attention vanilla --share all --reversible --fp16
     eft train --task text --init-from runs/listops-vanilla-s0 --adapters houlsby:16 --out runs/text-adapters
+    eft train --task max_of_set --steps 500     # a set task: the SetTransformer (ISAB encoder) on sets of vectors
     torchrun --nproc_per_node 2 -m efficient_transformers train --task listops --attention vanilla ...
 
 Without --data the task generates its data offline; with it, the official files are read. Bad input
 (unknown task or mechanism, malformed data files, an output folder that already holds a run) is
 reported as one line on stderr with exit status 2, before anything is written.
+
+A task may name defaults for options not given: max_of_set (a set task, see `train.sets`) trains the
+SetTransformer, with --attention set_transformer (ISAB; vanilla gives SAB), --pooling pma and --dropout 0.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ CONFIG_FIELDS = (
     "dropout", "num_train", "num_val", "num_test", "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup",
     "decay", "min_lr_ratio", "grad_clip", "accum", "bf16", "eval_every", "checkpoint_every", "log_every", "device",
     "progress", "share", "embedding_dim", "reversible", "ff_chunks", "fp16", "init_from", "adapters",
+    "segment_len",
 )
 
 
@@ -36,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # only options the user gives reach the config (its defaults apply otherwise)
     d = TrainConfig.__dataclass_fields__
     what = parser.add_argument_group("what to train")
-    what.add_argument("--task", default=S, help="task name (listops, text, retrieval, image, pathfinder, byte_lm)")
+    what.add_argument("--task", default=S, help="task name (listops, text, retrieval, image, pathfinder, byte_lm, max_of_set)")
     what.add_argument("--attention", default=S, help="attention mechanism (see `eft models`)")
     what.add_argument("--data", default=S, help="folder with the task's official files (default: generate offline)")
     what.add_argument("--num-train", type=int, default=S, help="training examples (generated) or cap (loaded)")
@@ -69,6 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="reversible residual layers (Reformer): activation memory independent of depth")
     model.add_argument("--ff-chunks", type=int, default=S, metavar="N",
                        help="apply the feed-forward to N slices of the sequence (default 1)")
+    model.add_argument("--segment-len", type=int, default=S, metavar="L",
+                       help="recurrence mechanisms (transformer_xl, compressive): train and evaluate segment by "
+                            "segment of L tokens with the memory (truncated BPTT); each batch lane reads a contiguous stream")
     tune = parser.add_argument_group("fine-tuning")
     tune.add_argument("--init-from", default=S, metavar="RUN_DIR",
                       help="start from this run's best weights (and architecture); the task head is new if the task is")
@@ -133,11 +141,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         from .transfer import merge_base_config, read_run
 
         given = merge_base_config(given, read_run(given["init_from"], "--init-from"))
+    if "task" in given:
+        apply_task_defaults(given)
     missing = [f"--{name}" for name in ("task", "attention") if name not in given]
     if missing:
         raise ValueError(f"missing required option(s) {' and '.join(missing)}")
     given.setdefault("out", f"runs/{given['task']}-{given['attention']}-s{given.get('seed', 0)}")
     return TrainConfig(**given)
+
+
+def apply_task_defaults(given: dict[str, Any]) -> None:
+    """Fill options the user did not give with the task's defaults (its `default_attention` and
+    `train_defaults`, e.g. the set task's SetTransformer settings); unknown tasks raise ValueError."""
+    from ..tasks import get_task
+
+    task = get_task(given["task"])
+    attention = getattr(task, "default_attention", None)
+    if attention is not None:
+        given.setdefault("attention", attention)
+    for name, value in getattr(task, "train_defaults", {}).items():
+        given.setdefault(name, value)
 
 
 def run(args: argparse.Namespace, config_from_args=config_from_args, prog: str = "eft train") -> int:
@@ -183,7 +206,9 @@ def summary_line(results: dict[str, Any]) -> str:
     if test.get(metric) is not None:
         parts.append(f"test {metric} {test[metric]:.4f}")
     baseline = results.get("baseline")
-    if baseline and baseline["test"]["accuracy"] is not None:
+    if baseline and baseline["test"].get("accuracy") is not None:
         parts.append(f"majority baseline {baseline['test']['accuracy']:.4f}")
+    elif baseline and baseline["test"].get("mae") is not None:
+        parts.append(f"constant (median) baseline mae {baseline['test']['mae']:.4f}")
     parts.append(f"-> {results['out']}")
     return "; ".join(parts)

@@ -99,7 +99,7 @@ from .. import __version__ as PACKAGE_VERSION
 from .. import registry
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .progress import ProgressBar
+from ..progress import progress_bar
 from .search_report import (CONSTRAINT_FLAG, STATUSES, UNIT, _show, _summary_line, best_row, closest_text,
                             pareto_front, text_report, train_command, write_outputs)
 
@@ -736,8 +736,7 @@ def optimize(study: Any, run: SearchRun, space: dict[str, Any], total: int, *, p
             notes.append(f"the space holds {len(configurations)} configurations, no more than --trials {total}: "
                          "searched exhaustively, each configuration once")
     ran = 0
-    bar = ProgressBar(total, "eft search", enabled=progress)
-    bar.update(done)
+    bar = progress_bar(total, "eft search", enabled=progress, initial=done, unit="trial")
     try:
         while done < total and len(seen) < len(configurations):
             trial = study.ask()
@@ -766,7 +765,8 @@ def optimize(study: Any, run: SearchRun, space: dict[str, Any], total: int, *, p
                 "number": trial.number, "state": TrialState.COMPLETE if values is not None else state,
                 "values": values, "attrs": {**trial_info(trial), **attrs}})
             done += 1
-            bar.update(done, trial=f"#{trial.number} {attrs.get('status')}")
+            bar.update(1)
+            bar.set_postfix_str(f"trial #{trial.number} {attrs.get('status')}", refresh=False)
     finally:
         bar.close()
     if notes is not None and done < total and len(seen) >= len(configurations):
@@ -927,6 +927,10 @@ def _run(args: argparse.Namespace) -> int:
         task = get_task(args.task)
     except ValueError:
         raise SearchError(f"unknown task {args.task!r}; allowed tasks: {task_names()}") from None
+    if task.kind not in ("classification", "retrieval", "language_model"):  # e.g. max_of_set: the SetTransformer
+        searchable = [n for n in task_names() if get_task(n).kind in ("classification", "retrieval", "language_model")]
+        raise SearchError(f"task {task.name!r} ({task.kind}) trains a fixed model, not a mechanism of the search; "
+                          f"allowed tasks: {searchable}")
     given = {name: getattr(args, name) for name in SETTING_ARGS if hasattr(args, name)}
     out = Path(args.out)
     storage_url = args.storage or f"sqlite:///{out / 'search.db'}"
@@ -1036,7 +1040,7 @@ def _create(optuna, storage, study_name: str, directions: list[str], settings: S
         space["mechanisms"][name] = budget_for(cards[name], settings.max_len, settings.causal)
     constraints = settings.constraints()
     preflight, excluded = [], []
-    bar = ProgressBar(len(space["mechanisms"]), "eft search: pre-check", enabled=None)
+    bar = progress_bar(len(space["mechanisms"]), "eft search: pre-check", enabled=None, unit="mechanism")
     for i, name in enumerate(list(space["mechanisms"])):
         arch = cheapest(name, space)
         cost = search.cost(arch)
@@ -1046,7 +1050,8 @@ def _create(optuna, storage, study_name: str, directions: list[str], settings: S
             excluded.append({"mechanism": name, "reason": f"{cost['status']} at its smallest configuration "
                              f"({arch.label()}): {cost.get('error')}"})
             del space["mechanisms"][name]
-        bar.update(i + 1, mechanism=name)
+        bar.update(1)
+        bar.set_postfix_str(name, refresh=False)
     bar.close()
     if not space["mechanisms"]:
         raise SearchError(f"no mechanism can run task {settings.task!r} at N = {settings.max_len} here:\n" +

@@ -54,8 +54,11 @@ from .objective import (
     move_batch,
 )
 from .optim import build_optimizer, learning_rate, set_learning_rate
-from .progress import MetricsLog, ProgressBar, is_terminal
+from .progress import MetricsLog
+from ..progress import is_terminal, progress_bar
 from .sampling import ExampleStream, MicroBatchPlan, eval_shards, majority_baseline
+from .recurrence import Recurrence, check_recurrence
+from .sets import constant_baseline, is_set_task, split_targets
 from ..models.adapters import adapter_state, add_adapters, parameter_counts
 
 #: the gradient scaler's first scale with --fp16 (PyTorch's default)
@@ -124,6 +127,11 @@ class Trainer:
             if len(splits[name]) == 0:
                 raise ValueError(f"task {task.name!r}: the {name} split is empty; "
                                  f"training needs at least one {name} example (check --num-{name} and --data)")
+        check_recurrence(config, task, self.env.world_size)
+        #: --segment-len: the training lanes and the memory carried between micro-batches (`recurrence`)
+        self.recurrence = (Recurrence(splits, config.batch_size, config.eval_batch, config.segment_len,
+                                      self.env.rank, self.env.world_size)
+                           if config.segment_len is not None else None)
         self.model_spec = model_config(config, task, self.max_len)
         self.transfer: dict[str, Any] = {}
         base = transfer.read_run(config.init_from, "--init-from") if config.init_from else None
@@ -210,7 +218,7 @@ class Trainer:
         elapsed = lambda: self.elapsed_before + time.monotonic() - start_time  # noqa: E731
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         show = self.env.is_main and (cfg.progress == "on" or (cfg.progress == "auto" and is_terminal(sys.stderr)))
-        bar = ProgressBar(end, f"{cfg.task}/{cfg.attention}", enabled=show)
+        bar = progress_bar(end, f"{cfg.task}/{cfg.attention}", enabled=show, initial=self.step, unit="step")
         model.train()
         while self.step < end:
             lr = learning_rate(self.step, cfg)
@@ -222,7 +230,8 @@ class Trainer:
                 self._evaluate_and_select(lr, elapsed())
             if self.step % cfg.checkpoint_interval == 0 or self.step == end:
                 self._checkpoint(elapsed())
-            bar.update(self.step, loss=self._last_loss, lr=lr)
+            bar.update(1)
+            bar.set_postfix(loss=self._last_loss, lr=lr, refresh=False)
         bar.close()
         if self.step < cfg.steps:
             return {"complete": False, "step": self.step, "steps": cfg.steps, "out": str(self.out_dir)}
@@ -238,7 +247,8 @@ class Trainer:
             last = micro == cfg.accum - 1  # DDP averages gradients over processes after the last one only
             with contextlib.nullcontext() if last or not self.env.distributed else model.no_sync():
                 with self._autocast():
-                    loss_sum, stats = batch_statistics(model, batch, self.task.kind, self.distill)
+                    stepped = model if self.recurrence is None else self.recurrence.carrying(model)
+                    loss_sum, stats = batch_statistics(stepped, batch, self.task.kind, self.distill)
                 self.scaler.scale(loss_sum / max(stats.count, 1.0) / cfg.accum).backward()
             step_stats.add(stats)
         finite = math.isfinite(step_stats.loss_sum)
@@ -264,6 +274,8 @@ class Trainer:
         self._last_loss = step_stats.loss_sum / max(step_stats.count, 1.0) if step_stats.count else self._last_loss
 
     def _train_batch(self, micro_batch: int) -> dict[str, torch.Tensor]:
+        if self.recurrence is not None:  # the next segment of every lane (the memory restarts with the lanes)
+            return move_batch(self.recurrence.train_batch(micro_batch), self.device)
         train = self.splits["train"]
         items = [train[i] for i in self.plan.indices(micro_batch)]
         return move_batch(self.task.collate(items), self.device)
@@ -283,10 +295,13 @@ class Trainer:
         """Parameters that get no gradient (DDP must be told); probed on one batch without touching the
         RNG streams, so the probe does not change the run."""
         devices = [self.device] if self.device.type == "cuda" else []
+        memory = None if self.recurrence is None else self.recurrence.memory  # the probe must not reset it
         with torch.random.fork_rng(devices=devices):
             with self._autocast():
                 loss_sum, _ = batch_statistics(self.model, self._train_batch(0), self.task.kind, self.distill)
             loss_sum.backward()
+        if self.recurrence is not None:
+            self.recurrence.memory = memory
         unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         self.model.zero_grad(set_to_none=True)
         return unused
@@ -299,6 +314,11 @@ class Trainer:
         stats = BatchStats()
         was_training = model.training
         model.eval()
+        if self.recurrence is not None:  # the split read as streams, segment by segment with the memory
+            stats = self.recurrence.evaluate(model, split, self.device, self.task.kind, self._autocast)
+            model.train(was_training)
+            total = BatchStats.from_tensor(self.env.all_reduce_sum(stats.as_tensor())).with_local_aux(stats)
+            return {**total.summary(self.metric), "examples": len(data)}
         with torch.no_grad(), self._autocast():
             for ids in eval_shards(len(data), self.config.eval_batch, self.env.rank, self.env.world_size):
                 batch = move_batch(self.task.collate([data[i] for i in ids]), self.device)
@@ -346,12 +366,16 @@ class Trainer:
     def _checkpoint(self, elapsed: float) -> None:
         rng = self._rng_states()
         window = BatchStats.from_tensor(self.env.all_reduce_sum(self.window.as_tensor())).with_local_aux(self.window)
+        memory = None if self.recurrence is None else self.recurrence.memory_bytes(self.step, self.env)  # collective
         if not self.env.is_main:
             return
         ckpt.stage(self.out_dir, ckpt.MODEL_FILE, self._weights_bytes())
         ckpt.stage(self.out_dir, ckpt.OPTIMIZER_FILE,
                    ckpt.tree_to_bytes(self.optimizer.state_dict(), {"step": str(self.step)}))
         files = {ckpt.MODEL_FILE: self.step, ckpt.OPTIMIZER_FILE: self.step}
+        if self.recurrence is not None:
+            ckpt.stage(self.out_dir, ckpt.MEMORY_FILE, memory)
+            files[ckpt.MEMORY_FILE] = self.step
         if self.best is not None:
             files[ckpt.BEST_FILE] = self.best["step"]
         state = {
@@ -395,6 +419,8 @@ class Trainer:
                                        f"the trainer state step {state['step']}")
         opt_state, _ = ckpt.load_tree(self.out_dir / ckpt.OPTIMIZER_FILE)
         self.optimizer.load_state_dict(opt_state)
+        if self.recurrence is not None:
+            self.recurrence.restore(self.out_dir / ckpt.MEMORY_FILE, self.device)
         self.step, self.best, self.elapsed_before = state["step"], state["best"], state["elapsed"]
         window = state["train_window"]  # summed over processes: rank 0 carries it, the others start at zero
         if self.env.is_main:
@@ -475,9 +501,13 @@ class Trainer:
         ckpt.atomic_write_bytes(self.out_dir / ckpt.ADAPTERS_FILE, save_bytes(tensors, metadata=meta))
 
     def _baseline(self) -> dict[str, Any] | None:
-        """The majority-class baseline (classification and retrieval tasks)."""
+        """The majority-class baseline (classification and retrieval tasks); for set regression the best
+        constant, the median of the training targets (`sets.constant_baseline`)."""
         if self.task.kind == "language_model":
             return None
+        if is_set_task(self.task):
+            train = split_targets(self.splits["train"])
+            return {split: constant_baseline(train, split_targets(self.splits[split])) for split in ("val", "test")}
         train = split_labels(self.splits["train"])
         return {split: majority_baseline(train, split_labels(self.splits[split])) for split in ("val", "test")}
 
