@@ -359,3 +359,19 @@ def test_no_tensor_of_n_squared_elements_forward_or_backward():
         # the key tables hold 2 N d per head, the kernel's transients are bounded by its score budget
         # (2^18 elements): nothing of the order of N^2 = 1M elements
         assert Largest.largest <= max(SCORE_BUDGET, 4 * n * DIM) < n * n // 3, Largest.largest
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_balancing_one_head_at_a_time_equals_all_heads_at_once(causal, monkeypatch):
+    from efficient_transformers.attention import sinkhorn as module
+
+    results = []
+    for limit in (2**40, 0):  # every call whole, every call split by head
+        monkeypatch.setattr(module, "WHOLE_SINKHORN_ELEMENTS", limit)
+        layer = build(causal)
+        q, k, v = qkv(2, 10)
+        out, _ = layer.attend(q, k, v, padding(2, 10))
+        out.square().sum().backward()
+        results.append([out, q.grad, k.grad, v.grad, layer.sort_w1.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -118,6 +118,11 @@ _EXCLUDED = -1e9
 #: 8 MiB, which at N = 16K is the difference between 2.1x and 1.9x SDPA's peak memory, at no
 #: measurable cost in time (the groups still hold 8 query blocks of 64)
 SCORE_BUDGET = 2**18
+#: sort matrices (B, H, nB, nB) up to this many elements are balanced in one call; larger ones one
+#: head at a time, whose transients are a quarter the size (at N = 16K, 4 heads, the whole-head loop
+#: left ~70 MiB of freed but resident heap). Below it the per-head loop only added Python overhead
+#: (40 % of the step at N = 1K).
+WHOLE_SINKHORN_ELEMENTS = 2**17
 
 
 @register(
@@ -256,12 +261,13 @@ class SinkhornAttention(AttentionLayer):
         # checkpointed: autograd would keep ~3 (B, H, nB, nB) tensors per iteration (at N = 32K, b = 64,
         # 4 heads, 8 iterations about 100 MiB, quadratic in N); recomputed in the backward pass instead,
         # where it runs last, after the kernel's and the tables' gradients are freed
-        # one head at a time: the (B, 1, nB, nB) transients of the loop (float64 when causal) are a
-        # quarter of the size; whole-head transients left ~70 MiB of freed but resident heap at N = 16K
-        # (causal, 4 heads), more than the layer's live tensors gained anywhere else
+        # large sort matrices one head at a time (WHOLE_SINKHORN_ELEMENTS): the loop's transients
+        # (float64 when causal) are then a quarter of the size
         scaled = logits / self.temperature  # (B, H, nB, nB)
-        P = torch.cat([checkpoint(sinkhorn, scaled[:, h:h + 1], support, self.iterations, causal=self.causal,
-                                  use_reentrant=False) for h in range(H)], dim=1)  # (B, H, nB, nB)
+        heads_per_call = H if scaled.numel() <= WHOLE_SINKHORN_ELEMENTS else 1
+        P = torch.cat([checkpoint(sinkhorn, scaled[:, h:h + heads_per_call], support, self.iterations,
+                                  causal=self.causal, use_reentrant=False)
+                       for h in range(0, H, heads_per_call)], dim=1)  # (B, H, nB, nB)
         return P, support
 
     def _gumbel(self, nb: int, device, dtype) -> Tensor:
