@@ -158,3 +158,27 @@ def test_interrupt_leaves_partial_results(monkeypatch, tmp_path):
     assert result["config"]["interrupted"] is True and result["config"]["complete"] is False
     assert [(r["seq_len"], r["status"]) for r in result["rows"]] == [(32, "ok")]
     assert "interrupted" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_probe_peak_over_half_the_available_memory_is_not_timed_in_process(monkeypatch, tmp_path):
+    config = runner._config(["vanilla"], False, [32, 64], ["train"], 1, 16, 2, "float32", False, "cpu",
+                            True, runner.harness.TimingPlan(3, 3, 1.0, 5.0, 0.01), runner.QUICK_EFFORT)
+    bench = runner._Benchmark(config, runner.harness.TimingPlan(3, 3, 1.0, 5.0, 0.01), tmp_path, progress=False)
+    monkeypatch.setattr(runner, "_available_memory_mb", lambda: 1000.0)
+    real = runner.harness.time_interleaved
+
+    def nothing_timed(steps, *args, **kwargs):
+        assert not steps, f"timed in process: {list(steps)}"
+        return real(steps, *args, **kwargs)
+
+    monkeypatch.setattr(runner.harness, "time_interleaved", nothing_timed)
+    server = FakeServer({32: {"status": "ok", "peak_mem_mb": 600.0, "first_step_ms": 1.0}})
+    rows = [bench._block(server, n, "train")[0] for n in (32, 64)]
+    assert server.requests == [32]  # given up for larger N too
+    assert [r["status"] for r in rows] == ["oom", "oom"] and rows[0]["peak_mem_mb"] == 600.0
+    assert "600 MiB" in rows[0]["error"] and "50%" in rows[0]["error"] and "1000 MiB available" in rows[0]["error"]
+
+
+def test_available_memory_is_read_from_proc_meminfo():
+    available = runner._available_memory_mb()
+    assert available is None or 0 < available < 1 << 30
