@@ -272,9 +272,9 @@ def test_bad_input_names_the_mechanism_the_value_and_what_is_allowed():
     x = stream(2, 4)
     _, memory = layer(x, return_state=True)
     bad = [
-        (XLMemory(memory.hidden[:1], None, 4), r"\(B, m, dim\) = \(2, m <= mem_len=5, 16\), got \(1, 4, 16\)"),
+        (XLMemory(memory.hidden[:1], None, 4), r"\(B, m, dim\) = \(2, m <= mem_len = 5, 16\), got \(1, 4, 16\)"),
         (XLMemory(torch.zeros(2, 4, DIM + 1, dtype=torch.float64), None, 4), r"got \(2, 4, 17\)"),
-        (XLMemory(torch.zeros(2, 6, DIM, dtype=torch.float64), None, 6), r"m <= mem_len=5"),
+        (XLMemory(torch.zeros(2, 6, DIM, dtype=torch.float64), None, 6), r"m <= mem_len = 5"),
         (XLMemory(memory.hidden, torch.ones(2, 3, dtype=torch.bool), 4), r"key_mask must be a bool tensor of shape \(B, m\) = \(2, 4\)"),
         ("memory", r"must be an XLMemory"),
     ]

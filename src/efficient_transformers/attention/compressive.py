@@ -354,10 +354,7 @@ class CompressiveAttention(TransformerXLAttention):
             raise ValueError(f"{name}: the memory must be a CompressiveMemory (from a previous call with "
                              f"return_state=True) or None, got {type(state).__name__}")
         h, s = state.hidden, state.compressed
-        raw_max = self.mem_len + self.rate - 1
-        if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != batch or h.shape[2] != self.dim or h.shape[1] > raw_max:
-            raise ValueError(f"{name}: memory hidden states must have shape (B, m, dim) = ({batch}, m <= mem_len + "
-                             f"compression_rate - 1 = {raw_max}, {self.dim}), got {tuple(h.shape) if isinstance(h, Tensor) else h!r}")
+        self._check_hidden(h, batch, self.mem_len + self.rate - 1, "mem_len + compression_rate - 1")
         if not isinstance(s, Tensor) or s.dim() != 3 or s.shape[0] != batch or s.shape[2] != self.dim or s.shape[1] > self.cmem_len:
             raise ValueError(f"{name}: the compressed memory must have shape (B, s, dim) = ({batch}, s <= cmem_len="
                              f"{self.cmem_len}, {self.dim}), got {tuple(s.shape) if isinstance(s, Tensor) else s!r}")

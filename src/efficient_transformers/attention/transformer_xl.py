@@ -287,10 +287,14 @@ class TransformerXLAttention(AttentionLayer):
             raise ValueError(f"{name}: the memory must be an XLMemory (from a previous call with return_state=True) "
                              f"or None, got {type(state).__name__}")
         h = state.hidden
-        if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != batch or h.shape[2] != self.dim or h.shape[1] > self.mem_len:
-            raise ValueError(f"{name}: memory hidden states must have shape (B, m, dim) = ({batch}, m <= mem_len="
-                             f"{self.mem_len}, {self.dim}), got {tuple(h.shape) if isinstance(h, Tensor) else h!r}")
+        self._check_hidden(h, batch, self.mem_len, "mem_len")
         self._check_memory_mask(state.key_mask, batch, h.shape[1])
+
+    def _check_hidden(self, h, batch: int, longest: int, longest_is: str) -> None:
+        """Memory hidden states: (B, m, dim) with m <= `longest` (named `longest_is` in the message)."""
+        if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != batch or h.shape[2] != self.dim or h.shape[1] > longest:
+            raise ValueError(f"{self.card.name}: memory hidden states must have shape (B, m, dim) = ({batch}, m <= "
+                             f"{longest_is} = {longest}, {self.dim}), got {tuple(h.shape) if isinstance(h, Tensor) else h!r}")
 
     def _check_kv_memory(self, state, batch: int, device) -> None:
         if state is None:
