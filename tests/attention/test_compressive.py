@@ -314,7 +314,7 @@ def test_bad_input_names_the_mechanism_the_value_and_what_is_allowed():
     _, state = layer(x, return_state=True)
     bad = [
         (CompressiveMemory(state.hidden[:1], None, state.compressed, None, 9), r"\(B, m, dim\) = \(2, m <= mem_len \+ compression_rate - 1 = 5, 16\)"),
-        (CompressiveMemory(state.hidden, None, torch.zeros(2, 4, DIM, dtype=torch.float64), None, 9), r"\(B, s, dim\) = \(2, s <= cmem_len=3, 16\), got \(2, 4, 16\)"),
+        (CompressiveMemory(state.hidden, None, torch.zeros(2, 4, DIM, dtype=torch.float64), None, 9), r"\(B, s, dim\) = \(2, s <= cmem_len = 3, 16\), got \(2, 4, 16\)"),
         (CompressiveMemory(state.hidden, None, state.compressed, None, 10), r"multiple of compression_rate=2"),
         ("memory", r"must be a CompressiveMemory"),
     ]

@@ -355,9 +355,7 @@ class CompressiveAttention(TransformerXLAttention):
                              f"return_state=True) or None, got {type(state).__name__}")
         h, s = state.hidden, state.compressed
         self._check_hidden(h, batch, self.mem_len + self.rate - 1, "mem_len + compression_rate - 1")
-        if not isinstance(s, Tensor) or s.dim() != 3 or s.shape[0] != batch or s.shape[2] != self.dim or s.shape[1] > self.cmem_len:
-            raise ValueError(f"{name}: the compressed memory must have shape (B, s, dim) = ({batch}, s <= cmem_len="
-                             f"{self.cmem_len}, {self.dim}), got {tuple(s.shape) if isinstance(s, Tensor) else s!r}")
+        self._check_hidden(s, batch, self.cmem_len, "cmem_len", what="the compressed memory", rows="s")
         if (state.length - h.shape[1]) % self.rate or state.length < h.shape[1]:
             raise ValueError(f"{name}: the memory's raw window must start at a multiple of compression_rate="
                              f"{self.rate}, got length {state.length} with {h.shape[1]} raw states")

@@ -290,10 +290,11 @@ class TransformerXLAttention(AttentionLayer):
         self._check_hidden(h, batch, self.mem_len, "mem_len")
         self._check_memory_mask(state.key_mask, batch, h.shape[1])
 
-    def _check_hidden(self, h, batch: int, longest: int, longest_is: str) -> None:
-        """Memory hidden states: (B, m, dim) with m <= `longest` (named `longest_is` in the message)."""
+    def _check_hidden(self, h, batch: int, longest: int, longest_is: str, what: str = "memory hidden states",
+                      rows: str = "m") -> None:
+        """Memory states: (B, rows, dim) with rows <= `longest` (named `longest_is` in the message)."""
         if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != batch or h.shape[2] != self.dim or h.shape[1] > longest:
-            raise ValueError(f"{self.card.name}: memory hidden states must have shape (B, m, dim) = ({batch}, m <= "
+            raise ValueError(f"{self.card.name}: {what} must have shape (B, {rows}, dim) = ({batch}, {rows} <= "
                              f"{longest_is} = {longest}, {self.dim}), got {tuple(h.shape) if isinstance(h, Tensor) else h!r}")
 
     def _check_kv_memory(self, state, batch: int, device) -> None:
