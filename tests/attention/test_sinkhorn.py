@@ -375,3 +375,26 @@ def test_balancing_one_head_at_a_time_equals_all_heads_at_once(causal, monkeypat
         results.append([out, q.grad, k.grad, v.grad, layer.sort_w1.grad])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("heads_per_call", [3, 1])
+@pytest.mark.parametrize("partial", [False, True])
+def test_hand_written_balancing_backward_equals_autograd_of_the_iterations(heads_per_call, partial):
+    """The bidirectional layer's `_SinkhornBalance` (iterations without a graph, backward by hand) against
+    autograd through `sinkhorn`'s steps: values and gradients, float64, with and without excluded
+    rows and columns (padding), whole and one head at a time."""
+    from efficient_transformers.attention.sinkhorn import _SinkhornBalance
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 7, 7, dtype=F64, generator=g, requires_grad=True)
+    support = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+    if partial:
+        support[0, :, 5:, :] = support[0, :, :, 5:] = False  # item 0: blocks 5, 6 are padding
+        support[1, :, 2, :] = False  # item 1: an empty row
+    P = _SinkhornBalance.apply(logits, support, 5, heads_per_call)
+    ref = sinkhorn(logits, support, 5)
+    torch.testing.assert_close(P, ref, atol=1e-12, rtol=1e-12)
+    w = torch.randn(P.shape, dtype=F64, generator=g)
+    (grad,) = torch.autograd.grad((P * w).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), logits)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-12)

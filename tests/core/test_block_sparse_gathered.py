@@ -127,3 +127,29 @@ def test_bad_index_raises():
         gathered_block_sparse_attention(q, k, v, [GatheredPass(layout, torch.tensor([[[0, 1, 2, 4]]]))])
     with pytest.raises(ValueError, match="low <= high"):
         PairExclusion(torch.arange(3), torch.arange(3), 1, 0)
+
+
+def test_self_keys_give_queries_without_keys_their_own_value():
+    """The self rule: a query with no key in any pass outputs v[self_keys] (gradient to that v row
+    only), its lse stays -inf; -1 (padding) keeps 0; queries with keys are unchanged."""
+    n_q, n_k, b = 6, 8, 2
+    q, k, v = inputs(n_q, n_k, seed=7)
+    key_index = torch.tensor([[[0, 1, 2, 3]]])  # keys 4..7 in no slot
+    query_index = torch.tensor([[[0, 1, 2, -1]]])  # queries 3..5 in no slot: they have no key
+    passes = [GatheredPass(BlockLayout(b, torch.tensor([[[0], [1]]])), query_index, key_index)]
+    self_keys = torch.tensor([[2, 3, 4, 5, -1, 7], [6, 7, 0, -1, 1, 2]])  # (B, Nq)
+    out, lse = gathered_block_sparse_attention(q, k, v, passes, self_keys=self_keys)
+    ref, ref_lse = dense_passes(q, k, v, passes)
+    alone = (ref_lse == float("-inf")) & (self_keys >= 0)[:, None]  # (B, H, Nq)
+    own = v.gather(2, self_keys.clamp(min=0)[:, None, :, None].expand(B, H, n_q, v.shape[-1]))
+    ref = torch.where(alone[..., None], own, ref)
+    assert bool(alone.any()) and bool((~alone & (ref_lse == float("-inf"))).any())  # both kinds present
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="self_keys"):
+        gathered_block_sparse_attention(q, k, v, passes, self_keys=torch.full((B, n_q), n_k))

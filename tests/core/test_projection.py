@@ -49,3 +49,25 @@ def test_projection_under_bf16_autocast_gives_float32_grads():
         (q.float().square().sum() + v.float().sum()).backward()
     assert x.grad.dtype == torch.float32 and layer.to_qkv.weight.grad.dtype == torch.float32
     assert torch.isfinite(x.grad).all() and layer.to_qkv.weight.grad[DIM:2 * DIM].abs().sum() == 0  # k unused
+
+
+@pytest.mark.parametrize("use", ["both", "first", "rest"])
+def test_head_groups_are_views_with_one_gradient(use):
+    """head_groups: the two groups equal the slices, and the gradient equals plain slicing's, also when
+    one group is unused (its part of the gradient is zero), stored heads-last."""
+    from efficient_transformers.core import head_groups
+
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (B, H, N, d) heads-last
+    first, rest = head_groups(x, 2)
+    assert torch.equal(first, x[:, :2]) and torch.equal(rest, x[:, 2:])
+    weights = torch.randn(2, 7, 5, 3, dtype=torch.float64)  # (B, H, N, d)
+
+    def loss(a, b):
+        terms = {"both": (a * weights[:, :2]).sum() + (b.sin() * weights[:, 2:]).sum(),
+                 "first": (a * weights[:, :2]).sum(), "rest": (b.sin() * weights[:, 2:]).sum()}
+        return terms[use]
+
+    (grad,) = torch.autograd.grad(loss(first, rest), x)
+    (ref,) = torch.autograd.grad(loss(x[:, :2], x[:, 2:]), x)
+    torch.testing.assert_close(grad, ref, atol=0, rtol=0)
+    assert grad.transpose(1, 2).is_contiguous()  # heads-last: the head merge of the gradient is a view

@@ -27,7 +27,8 @@ Bidirectional: the paper's global sort by (bucket, position), fixed chunks of c 
 order, own + previous chunk attended regardless of bucket (as the paper; no wrap-around from the
 first chunk to the last, unlike trax); padded tokens form the last bucket, key-masked, so real
 tokens' chunks do not depend on padded content. The self rule is exact: a `PairExclusion` on the
-token ids drops the pair (t, t).
+token ids drops the pair (t, t), and a real query left with no key outputs its own value through the
+primitive's `self_keys` (no full-size copy of the output or of dV).
 
 Hash rounds and the duplicate correction (the paper's): out_i is one softmax over the *union* of the
 rounds' key sets, each key counted once however many rounds hold it (the paper subtracts log N_ij,
@@ -89,6 +90,12 @@ class ReformerState:
     ranks: Tensor  # (B, H, R, m) long: rank inside the bucket among real tokens
     counts: Tensor  # (B, H, R, n_buckets) long: real tokens per bucket so far
     length: int
+
+
+def _self_keys(real: Tensor, first: int) -> Tensor:
+    """(B, n) the key token of each real query for the self rule (the keys hold `first` earlier
+    tokens before the queries), -1 for padding."""
+    return torch.where(real, torch.arange(first, first + real.shape[-1], device=real.device), -1)
 
 
 def _exclusive_rank(bucket: Tensor, real: Tensor, num_buckets: int) -> Tensor:
@@ -224,21 +231,11 @@ class ReformerAttention(AttentionLayer):
         B, H, T, _ = q.shape
         real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
         if not self.causal:
-            out, lse = self._bidirectional(q, k, v, real)
-            return self._self_rule(out, lse, v, real), None
+            return self._bidirectional(q, k, v, real)[0], None
         buckets = self.hash(k)  # (B, H, R, T)
         if state is None:
             return self._causal_full(q, k, v, real, buckets)
         return self._causal_step(q, k, v, real, buckets, state)
-
-    def _self_rule(self, out: Tensor, lse: Tensor, v: Tensor, real: Tensor) -> Tensor:
-        """A real query with no other key attends itself (the paper's large negative self-score)."""
-        alone = (lse == float("-inf")) & real[:, None, :]  # (B, H, T)
-        if not bool(alone.any()):
-            return out  # (stored heads-last: the head merge stays a view)
-        fixed = heads_last(out).copy_(out)  # one copy, heads-last (torch.where would give two: it and the merge)
-        fixed[alone] = v[alone].to(out.dtype)
-        return fixed
 
     def _bidirectional(self, q, k, v, real):
         B, H, T, _ = q.shape
@@ -257,7 +254,7 @@ class ReformerAttention(AttentionLayer):
             key_mask = real[:, None, :].expand(B, H, T).gather(-1, order)  # (B, H, T) in sorted order
             passes.append(GatheredPass(BlockLayout(c, blocks, exclusions=tuple(rules)), order, key_mask=key_mask))
             chunks.append(torch.empty_like(order).scatter_(-1, order, pos.expand(B, H, T)) // c)
-        return gathered_block_sparse_attention(q, k, v, passes)
+        return gathered_block_sparse_attention(q, k, v, passes, self_keys=_self_keys(real, 0))
 
     def _round(self, key_pos, key_real, bucket, rank, earlier_codes, query_tokens=None, query_pos=None):
         """The pass of one hash round over tokens (key_pos (T,), key_real (B, H, T), bucket/rank (B, H, T))
@@ -309,8 +306,7 @@ class ReformerAttention(AttentionLayer):
             rank = _ranks_by_sort(bucket, nb + 1)
             ranks.append(rank)
             passes.append(self._round(pos, ~pad, bucket, rank, codes))
-        out, lse = gathered_block_sparse_attention(q, k, v, passes)
-        out = self._self_rule(out, lse, v, real)
+        out, _ = gathered_block_sparse_attention(q, k, v, passes, self_keys=_self_keys(real, 0))
         counts = torch.zeros(B, H, self.n_hashes, nb + 1, dtype=torch.long, device=q.device)
         counts.scatter_add_(-1, buckets.masked_fill(pad[:, :, None], nb), (~pad)[:, :, None].long().expand_as(buckets))
         state = ReformerState(k, v, pos, real, buckets, torch.stack(ranks, 2), counts[..., :nb], T)
@@ -338,8 +334,7 @@ class ReformerAttention(AttentionLayer):
             bucket = all_buckets[:, :, r].masked_fill(dead, nb)  # others: the unattended bucket
             rank = torch.where(dead, dead.long().cumsum(-1) - 1, all_ranks[:, :, r])
             passes.append(self._round(all_pos, ~dead, bucket, rank, codes, query_tokens, new_pos))
-        out, lse = gathered_block_sparse_attention(q, all_k, all_v, passes)
-        out = self._self_rule(out, lse, v, real)
+        out, _ = gathered_block_sparse_attention(q, all_k, all_v, passes, self_keys=_self_keys(real, m))
         counts = state.counts + (F.one_hot(buckets, nb) * new_real[..., None]).sum(-2)
         new_state = ReformerState(all_k, all_v, all_pos, torch.cat([state.real, real], 1), all_buckets, all_ranks,
                                   counts, state.length + n)

@@ -32,8 +32,10 @@ exactly by their log-sum-exp,
 i.e. softmax attention with weight m_ij exp(s_ij), m_ij = the number of clusters that hold query i
 and key j (1 for almost every pair). A real query chosen by no centroid (balancing leaves some out)
 joins its nearest centroid's cluster: these queries are sorted by (nearest cluster, position), each
-cluster's share padded to whole blocks of w, and a second pass lets each block attend its
-cluster's w keys. The tests build m_ij from a naive top-k per centroid and compare with dense
+cluster's share padded to whole blocks of b (a divisor of w near 64: about a third of the queries
+are left out, spread over all k clusters, so blocks of w would nearly double the pass), and a second
+pass lets each block attend its cluster's w keys (w / b key blocks). The centroid scores are formed
+as (k, N) so that each centroid's top-w is a contiguous top-k. The tests build m_ij from a naive top-k per centroid and compare with dense
 attention weighted by it.
 
 **Causal (exactly causal, ALGORITHMS.md section 4).** Top-w balancing looks at the whole sequence,
@@ -110,7 +112,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import AttentionLayer, PositionedKVCache, dense_attention, heads_last
+from ..core import AttentionLayer, PositionedKVCache, dense_attention, head_groups, heads_last
 from ..core import options as opt
 from ..core.block_sparse import NO_BLOCK, BlockLayout, GatheredPass, block_sparse_attention, gathered_block_sparse_attention
 from ..registry import Card, register
@@ -189,6 +191,13 @@ class RoutingAttention(AttentionLayer):
         mu = self.centroids.to(xn.dtype)  # (Hr, K, d)
         return torch.matmul(xn, mu.transpose(-1, -2)[None]).sub_(0.5 * mu.square().sum(-1)[None, :, None, :])
 
+    @torch.no_grad()
+    def _scores_by_centroid(self, xn: Tensor) -> Tensor:
+        """The same scores as (B, Hr, K, N), the layout in which each centroid's top-w over the tokens is a
+        contiguous top-k (on a transposed view it costs twice as much)."""
+        mu = self.centroids.to(xn.dtype)  # (Hr, K, d)
+        return torch.matmul(mu[None], xn.transpose(-1, -2)).sub_(0.5 * mu.square().sum(-1)[None, :, :, None])
+
     def _commit_and_update(self, vectors: list[tuple[Tensor, Tensor, Tensor]], update: bool) -> None:
         """vectors: [(x, x^ (B, Hr, N, d), nearest (B, Hr, N) long, real (B, N) bool)]. Reports the commitment
         loss; with `update`, stores the EMA move of the centroids towards the real vectors assigned to
@@ -224,14 +233,16 @@ class RoutingAttention(AttentionLayer):
         B, H, n, d = q.shape
         Lh = self.local_count
         local_out, local_state = None, None
+        if 0 < Lh < H:  # one gradient buffer per tensor for both head groups (plain slices would make three)
+            (ql, qr), (kl, kr), (vl, vr) = head_groups(q, Lh), head_groups(k, Lh), head_groups(v, Lh)
+        else:
+            (ql, qr), (kl, kr), (vl, vr) = (q[:, :Lh], q[:, Lh:]), (k[:, :Lh], k[:, Lh:]), (v[:, :Lh], v[:, Lh:])
         if Lh:
-            local_out, local_state = self._local(q[:, :Lh], k[:, :Lh], v[:, :Lh], mask,
-                                                 None if state is None else state.local)
+            local_out, local_state = self._local(ql, kl, vl, mask, None if state is None else state.local)
         if self.routing_count == 0:
             out = local_out
             new_state = RoutingState(local_state, None, None, None, None, n + (0 if state is None else state.length))
             return out, (new_state if self.causal else None)
-        qr, kr, vr = q[:, Lh:], k[:, Lh:], v[:, Lh:]
         real = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
         update = self.training and state is None and torch.is_grad_enabled()  # a training step
         if update:
@@ -276,14 +287,14 @@ class RoutingAttention(AttentionLayer):
         K = self.num_clusters
         w = -(-n // K)  # cluster size
         qn, kn = self._normalise(q), self._normalise(k)  # (B, Hr, N, d), no gradient
-        pad = ~real[:, None, :, None]  # (B, 1, N, 1)
-        q_scores = self._scores(qn).masked_fill_(pad, NEG_INF)  # (B, Hr, N, K)
-        k_scores = self._scores(kn).masked_fill_(pad, NEG_INF)
-        self._commit_and_update([(q, qn, q_scores.argmax(-1), real), (k, kn, k_scores.argmax(-1), real)], update)
+        pad = ~real[:, None, None, :]  # (B, 1, 1, N)
+        q_scores = self._scores_by_centroid(qn).masked_fill_(pad, NEG_INF)  # (B, Hr, K, N)
+        k_scores = self._scores_by_centroid(kn).masked_fill_(pad, NEG_INF)
+        nearest_q = q_scores.max(-2).indices  # (B, Hr, N) (max's indices: faster than argmax)
+        self._commit_and_update([(q, qn, nearest_q, real), (k, kn, k_scores.max(-2).indices, real)], update)
         del qn, kn
-        q_index = q_scores.transpose(-1, -2).topk(w, dim=-1).indices.flatten(2)  # (B, Hr, K w): cluster c = block c
-        k_index = k_scores.transpose(-1, -2).topk(w, dim=-1).indices.flatten(2)  # (B, Hr, K w)
-        nearest_q = q_scores.argmax(-1)  # (B, Hr, N)
+        q_index = q_scores.topk(w, dim=-1).indices.flatten(2)  # (B, Hr, K w): cluster c = block c
+        k_index = k_scores.topk(w, dim=-1).indices.flatten(2)  # (B, Hr, K w)
         del q_scores, k_scores
         key_mask = real[:, None, :].expand(B, Hr, n).gather(2, k_index)  # (B, Hr, K w)
         layout = BlockLayout(w, torch.arange(K, device=q.device)[None, :, None])  # cluster c -> key block c
@@ -292,10 +303,16 @@ class RoutingAttention(AttentionLayer):
         members = torch.zeros(B, Hr, n, device=q.device).scatter_add_(2, q_index, torch.ones_like(q_index, dtype=torch.float))
         left_out = (members == 0) & real[:, None, :]  # (B, Hr, N)
         if bool(left_out.any()):
+            # in blocks of b | w queries (each cluster's share padded to whole blocks of b, not of w: about
+            # a third of the queries are left out, spread over all K clusters), each attending the w / b key
+            # blocks of its cluster
+            b = _divisor_near(w, 64)
+            m = w // b
             bucket = torch.where(left_out, nearest_q, K)  # (B, Hr, N): K = not in the second pass
-            slot_of, source, block_bucket = _bucket_slots(bucket, K, w)
-            blocks = torch.where(block_bucket < K, block_bucket, NO_BLOCK)[..., None]  # (B, Hr, nb, 1)
-            passes.append(GatheredPass(BlockLayout(w, blocks), source, k_index, key_mask))
+            slot_of, source, block_bucket = _bucket_slots(bucket, K, b)
+            blocks = block_bucket[..., None] * m + torch.arange(m, device=q.device)  # (B, Hr, nb, m)
+            blocks = torch.where(block_bucket[..., None] < K, blocks, NO_BLOCK)
+            passes.append(GatheredPass(BlockLayout(b, blocks), source, k_index, key_mask))
         # each (pass, slot) of a query adds its cluster's keys to the query's softmax: the merge by lse
         return gathered_block_sparse_attention(q, k, v, passes)[0]
 
@@ -304,7 +321,7 @@ class RoutingAttention(AttentionLayer):
         B, Hr, n, d = q.shape
         K, c = self.num_clusters, self.window
         qn = self._normalise(q)  # (B, Hr, N, d): shared QK, the keys are the queries
-        nearest = self._scores(qn).argmax(-1)  # (B, Hr, N)
+        nearest = self._scores(qn).max(-1).indices  # (B, Hr, N)
         self._commit_and_update([(q, qn, nearest, real)], update)
         bucket = torch.where(real[:, None, :], nearest, K)  # padding: in no cluster
         if state is not None:
@@ -435,6 +452,11 @@ def _chunk_block(c: int, n: int, K: int) -> int:
     primitive's gathered keys (S b d per block of b queries) stay near the scores' size."""
     target = max(16, min(64, n // (2 * K)))
     return max(b for b in range(1, min(c, target) + 1) if c % b == 0)
+
+
+def _divisor_near(w: int, target: int) -> int:
+    """The largest divisor of w within [16, target], else w (a block size that cuts w into whole blocks)."""
+    return max((b for b in range(16, min(w, target) + 1) if w % b == 0), default=w)
 
 
 def _first_blocks(bucket: Tensor, num_buckets: int, b: int) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ attention layer base class. Nothing here imports models, tasks, bench or train."
 from .aux_losses import AuxLoss, collect_aux_losses, reset_aux_losses, weighted_aux_loss
 from .blocking import merge_blocks, pad_mask_to_multiple, pad_to_multiple, round_up, split_blocks
 from .dense import dense_attention
-from .heads import heads_last, merge_heads, split_heads
+from .heads import head_groups, heads_last, merge_heads, split_heads
 from .layer import PROJECTIONS, AttentionLayer
 from .masks import causal_allowed, combine_allowed, masked_softmax, zero_padded
 from .projection import project_heads
@@ -25,6 +25,7 @@ __all__ = [
     "collect_aux_losses",
     "combine_allowed",
     "dense_attention",
+    "head_groups",
     "heads_last",
     "masked_softmax",
     "merge_blocks",

@@ -1002,6 +1002,7 @@ def gathered_block_sparse_attention(
     scale: float | None = None,
     *,
     score_budget: int = DEFAULT_SCORE_BUDGET,
+    self_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention over gathered orders of the tokens, merged per query token -> (out, lse).
 
@@ -1024,6 +1025,13 @@ def gathered_block_sparse_attention(
     *merged* lse and D_i = dO_i . out_i (the merged softmax's own gradient, whatever the passes), and
     adds dQ, dK, dV by token (`index_add_`). Cost: the passes' block-sparse products, plus O(N dv)
     per pass to merge.
+
+    `self_keys` (B, Nq) long, optional: the self rule of shared-QK attention (Reformer: a query may
+    attend itself only when nothing else is allowed). A query i with no key in any pass and
+    self_keys[b, i] = j >= 0 outputs v_j (the gradient goes to v_j only; its lse stays -inf, the
+    limit of the paper's large negative self-score, so a merge by lse gives it no weight); -1 keeps
+    the output 0 (padding). Done inside the primitive so that the fix-up costs no full-size copies of
+    the output or of dV (only the few rows it touches).
     """
     if q.dim() != 4 or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3] or k.shape[-1] != q.shape[-1]:
         raise ValueError(
@@ -1061,15 +1069,22 @@ def gathered_block_sparse_attention(
         plan = _plan(q, k, p.layout, key_mask, score_budget, query_index=query_index.clamp(min=0),
                      key_index=key_index.clamp(min=0))
         plans.append((plan, query_index))
+    if self_keys is not None:
+        self_keys = self_keys.to(q.device)
+        if (self_keys.dim() != 2 or self_keys.dtype.is_floating_point or self_keys.shape != (B, num_queries)
+                or (self_keys.numel() and (int(self_keys.max()) >= num_keys or int(self_keys.min()) < -1))):
+            raise ValueError(f"gathered block-sparse attention: self_keys must be an integer (B, Nq) = ({B}, "
+                             f"{num_queries}) tensor of key tokens in [-1, {num_keys}), got {tuple(self_keys.shape)} "
+                             f"{self_keys.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _GatheredAttention.apply(q, k, v, plans, scale)
+    return _GatheredAttention.apply(q, k, v, plans, scale, self_keys)
 
 
 class _GatheredAttention(torch.autograd.Function):
     """(out, lse) of `gathered_block_sparse_attention`; saves q, k, v, out, lse only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plans, scale: float):
+    def forward(ctx, q, k, v, plans, scale: float, self_keys: Tensor | None):
         compute = _compute_dtype(q.dtype)
         B, H, n, d = q.shape
         dv = v.shape[-1]
@@ -1077,17 +1092,20 @@ class _GatheredAttention(torch.autograd.Function):
         running_max = q.new_full((B, H, n + 1), NEG_INF, dtype=compute)  # token n: the empty slots' dump
         total = q.new_zeros(B, H, n + 1, dtype=compute)
         acc = q.new_zeros(B, H, n + 1, dv, dtype=compute)
-        for plan, query_index in plans:
+        acc_rows = acc.view(-1, dv)  # (B H (n + 1), dv): slots add their rows by index (3x a scatter over dv)
+        row_base = (torch.arange(B * H, device=q.device) * (n + 1)).view(B, H, 1)
+        for number, (plan, query_index) in enumerate(plans):
             out_slots, lse_slots = _gathered_pass_forward(*sources, plan, scale)  # (B, H, nq b, dv), (B, H, nq b)
             L = query_index.shape[-1]
             tokens = torch.where(query_index >= 0, query_index, n)  # (B, H, L)
             lse_slots = lse_slots[..., :L].masked_fill(tokens == n, NEG_INF)
             new_max = running_max.scatter_reduce(2, tokens, lse_slots, "amax")  # (B, H, n + 1)
-            decay = torch.where(running_max == NEG_INF, 0.0, torch.exp(running_max - _not_inf(new_max)))
-            acc.mul_(decay[..., None])
-            total.mul_(decay)
+            if number:  # (before the first pass acc and total are 0)
+                decay = torch.where(running_max == NEG_INF, 0.0, torch.exp(running_max - _not_inf(new_max)))
+                acc.mul_(decay[..., None])
+                total.mul_(decay)
             weight = torch.exp(lse_slots - _not_inf(new_max).gather(2, tokens))  # (B, H, L): 0 for an empty row
-            acc.scatter_add_(2, tokens[..., None].expand(B, H, L, dv), out_slots[:, :, :L].mul_(weight[..., None]))
+            acc_rows.index_add_(0, (tokens + row_base).reshape(-1), out_slots[:, :, :L].mul_(weight[..., None]).reshape(-1, dv))
             total.scatter_add_(2, tokens, weight)
             running_max = new_max
             del out_slots
@@ -1095,8 +1113,13 @@ class _GatheredAttention(torch.autograd.Function):
         safe_total = torch.where(has_keys, total, torch.ones_like(total))
         out = heads_last(v, n).copy_(acc[:, :, :n].div_(safe_total[:, :, :n, None]))  # (B, H, n, dv) heads-last
         lse = torch.where(has_keys, _not_inf(running_max) + torch.log(safe_total), NEG_INF)[:, :, :n]  # (B, H, n)
+        alone = None
+        if self_keys is not None:  # the self rule: a query with no key outputs its own value
+            items, heads, tokens = ((~has_keys[:, :, :n]) & (self_keys >= 0)[:, None]).nonzero(as_tuple=True)
+            alone = (items, heads, tokens, self_keys[items, tokens])  # (A,) each: few rows
+            out[items, heads, tokens] = v[items, heads, alone[3]].to(out.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plans, ctx.scale = plans, scale
+        ctx.plans, ctx.scale, ctx.alone = plans, scale, alone
         return out, lse
 
     @staticmethod
@@ -1120,7 +1143,10 @@ class _GatheredAttention(torch.autograd.Function):
             _gathered_pass_backward(*sources, grad_o, row_term, lse2, sinks, plan, query_index, scale)
         grad_q, grad_k, grad_v = grads
         grad_v.mul_(LOG2_E)  # the sinks hold ln(2) dV
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+        if ctx.alone is not None:  # the self rule's rows: out_i = v_j
+            items, heads, tokens, keys = ctx.alone
+            grad_v.index_put_((items, heads, keys), grad_out[items, heads, tokens].to(compute), accumulate=True)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
 def _gathered_pass_forward(q_rows: _Rows, k_rows: _Rows, v_rows: _Rows, plan: _Plan, scale: float):
