@@ -73,6 +73,7 @@ from torch import Tensor
 from ..core import AttentionLayer, SeededDraws, heads_last
 from ..core import options as opt
 from ..core.block_sparse import NO_BLOCK, BlockLayout, GatheredPass, PairExclusion, gathered_block_sparse_attention
+from ..core.bucketing import ranks_in_bucket
 from ..registry import Card, register
 
 _BIG = 2**40
@@ -104,19 +105,6 @@ def _exclusive_rank(bucket: Tensor, real: Tensor, num_buckets: int) -> Tensor:
     onehot = F.one_hot(bucket, num_buckets) * real[..., None]  # (.., T, nbk)
     before = onehot.cumsum(-2) - onehot
     return before.gather(-1, bucket[..., None])[..., 0]
-
-
-def _ranks_by_sort(bucket: Tensor, num_buckets: int) -> Tensor:
-    """bucket (B, H, T) -> rank of each token among the earlier tokens of its bucket, via a sort."""
-    T = bucket.shape[-1]
-    pos = torch.arange(T, device=bucket.device)
-    order = torch.argsort(bucket * T + pos, dim=-1)  # (B, H, T): sorted by (bucket, position)
-    sorted_b = bucket.gather(-1, order)
-    counts = torch.zeros(bucket.shape[:-1] + (num_buckets,), dtype=torch.long, device=bucket.device)
-    counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    first = counts.cumsum(-1) - counts  # (B, H, nbk): first sorted index of each bucket
-    rank_sorted = pos - first.gather(-1, sorted_b)
-    return torch.empty_like(rank_sorted).scatter_(-1, order, rank_sorted)
 
 
 def _slots(bucket: Tensor, rank: Tensor, c: int, num_buckets: int):
@@ -303,7 +291,7 @@ class ReformerAttention(AttentionLayer):
         passes, ranks, codes = [], [], []
         for r in range(self.n_hashes):
             bucket = buckets[:, :, r].masked_fill(pad, nb)  # padded tokens: a bucket of their own
-            rank = _ranks_by_sort(bucket, nb + 1)
+            rank = ranks_in_bucket(bucket, nb + 1)
             ranks.append(rank)
             passes.append(self._round(pos, ~pad, bucket, rank, codes))
         out, _ = gathered_block_sparse_attention(q, k, v, passes, self_keys=_self_keys(real, 0))

@@ -44,11 +44,12 @@ heads (k := q, the paper's choice for its decoders: a token's query and key are 
 cluster, so every query has at least itself to attend; the k projection of routing heads is unused
 when causal). Tokens are ordered by (cluster, position) and each cluster is cut *separately* into
 chunks of c = `window` tokens; a chunk attends itself and the previous chunk of the same cluster,
-positions after the query masked. Computation: each cluster is padded to whole blocks of b tokens, b
-a divisor of c near half the mean cluster size N / k (16..64; outputs do not depend on b), and
-query block beta of a cluster attends that cluster's blocks from the first block of the previous
-chunk up to itself (at most 2 c / b slots, and no more than the largest cluster's block count;
-causal on the original positions), so padding costs about k b / 2 slots instead of k c / 2. So query i attends the tokens
+positions after the query masked. Computation (`core.bucketing.causal_chunk_pattern`, shared with
+Reformer): each cluster is padded to whole blocks of b tokens, b a divisor of c near half the mean
+cluster size N / k (16..64; outputs do not depend on b), and query block beta of a cluster attends
+that cluster's blocks from the first block of the previous chunk up to itself (at most 2 c / b
+slots, and no more than the largest cluster's block count; causal on the original positions), so
+padding costs about k b / 2 slots instead of k c / 2. So query i attends the tokens
 j <= i of its cluster whose rank r_j (number of earlier same-cluster tokens) satisfies
 floor(r_j / c) >= floor(r_i / c) - 1: between min(c, r_i + 1) and 2c - 1 keys, a set that depends
 on tokens up to i only. Departure from the paper (and every public implementation): they sort the
@@ -115,6 +116,7 @@ from torch import Tensor
 from ..core import AttentionLayer, PositionedKVCache, dense_attention, head_groups, heads_last
 from ..core import options as opt
 from ..core.block_sparse import NO_BLOCK, BlockLayout, GatheredPass, block_sparse_attention, gathered_block_sparse_attention
+from ..core.bucketing import bucket_slots, causal_chunk_pattern, ranks_in_bucket
 from ..registry import Card, register
 
 NEG_INF = float("-inf")
@@ -309,7 +311,7 @@ class RoutingAttention(AttentionLayer):
             b = _divisor_near(w, 64)
             m = w // b
             bucket = torch.where(left_out, nearest_q, K)  # (B, Hr, N): K = not in the second pass
-            slot_of, source, block_bucket = _bucket_slots(bucket, K, b)
+            slot_of, source, block_bucket = bucket_slots(bucket, K, b)
             blocks = block_bucket[..., None] * m + torch.arange(m, device=q.device)  # (B, Hr, nb, m)
             blocks = torch.where(block_bucket[..., None] < K, blocks, NO_BLOCK)
             passes.append(GatheredPass(BlockLayout(b, blocks), source, k_index, key_mask))
@@ -326,20 +328,7 @@ class RoutingAttention(AttentionLayer):
         bucket = torch.where(real[:, None, :], nearest, K)  # padding: in no cluster
         if state is not None:
             return self._decode(q, v, bucket, state)
-        b = _chunk_block(c, n, K)  # blocks of b | c tokens: each cluster padded to whole blocks, not chunks
-        m = c // b  # blocks per chunk
-        slot_of, source, block_bucket = _bucket_slots(bucket, K, b)  # slot_of (B, Hr, N), source (B, Hr, L)
-        nb = block_bucket.shape[-1]
-        ids = torch.arange(nb, device=q.device)  # (nb,)
-        first, sizes = _first_blocks(bucket, K, b)  # (B, Hr, K) each: the clusters' first block and block count
-        first = first.gather(-1, block_bucket.clamp(max=K - 1))  # (B, Hr, nb): the block's cluster's first block
-        beta = ids - first  # the block's rank-block inside its cluster
-        lowest = ((beta // m - 1) * m).clamp(min=0)  # the first rank-block of the previous chunk
-        width = max(1, min(2 * m, int(sizes.max())))  # slots: no block attends more than its cluster holds
-        offsets = torch.arange(width, device=q.device)
-        ranks = lowest[..., None] + offsets  # (B, Hr, nb, S): rank-blocks attended
-        valid = (ranks >= 0) & (ranks <= beta[..., None]) & (block_bucket[..., None] < K)
-        blocks = torch.where(valid, first[..., None] + ranks, NO_BLOCK)  # (B, Hr, nb, S)
+        b, blocks, source = causal_chunk_pattern(bucket, K, c)  # blocks of b | c; source (B, Hr, L)
         positions = source.clamp(min=0)  # (B, Hr, L): the original positions of the slots
         layout = BlockLayout(b, blocks, query_positions=positions, key_positions=positions, causal=True)
         # one pass over the slots (q is also the key); a padded token has no slot: output 0
@@ -352,7 +341,7 @@ class RoutingAttention(AttentionLayer):
         K, c = self.num_clusters, self.window
         counts = torch.zeros(B, Hr, K + 1, dtype=torch.long, device=q.device).scatter_add_(
             2, bucket, torch.ones_like(bucket))[..., :K]  # (B, Hr, K)
-        rank = _ranks(bucket, K + 1)  # (B, Hr, N)
+        rank = ranks_in_bucket(bucket, K + 1)  # (B, Hr, N)
         clusters = bucket.clamp(max=K - 1)
         lowest = ((counts // c - 1) * c).gather(2, clusters)  # (B, Hr, N)
         keep = (bucket < K) & (rank >= lowest)
@@ -406,66 +395,9 @@ class RoutingAttention(AttentionLayer):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _ranks(bucket: Tensor, num_buckets: int) -> Tensor:
-    """(B, H, N) bucket ids -> the rank of each token among the earlier tokens of its bucket."""
-    n = bucket.shape[-1]
-    order = torch.argsort(bucket * n + torch.arange(n, device=bucket.device), dim=-1)  # by (bucket, position)
-    counts = torch.zeros(*bucket.shape[:-1], num_buckets, dtype=torch.long, device=bucket.device)
-    counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    start = counts.cumsum(-1) - counts  # (B, H, nbuckets): first sorted index of each bucket
-    sorted_bucket = bucket.gather(-1, order)
-    rank_sorted = torch.arange(n, device=bucket.device) - start.gather(-1, sorted_bucket)
-    return torch.empty_like(bucket).scatter_(-1, order, rank_sorted)
-
-
-def _bucket_slots(bucket: Tensor, num_buckets: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Order tokens by (bucket, position), each bucket padded to whole chunks of `chunk` slots.
-
-    bucket: (B, H, N) long in [0, num_buckets]; bucket == num_buckets means "in no bucket".
-    Returns slot_of (B, H, N) (the token's slot; >= L for tokens in no bucket), source (B, H, L) (the
-    token in each slot, -1 for an empty one) and block_bucket (B, H, nb) (the bucket of each chunk of
-    slots, num_buckets past an item's last one), L = nb chunk = the most slots any (item, head) needs.
-    """
-    B, H, n = bucket.shape
-    counts = torch.zeros(B, H, num_buckets + 1, dtype=torch.long, device=bucket.device)
-    counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    chunks = -(-counts[..., :num_buckets] // chunk)  # (B, H, nbuckets)
-    chunks = torch.cat([chunks, -(-counts[..., num_buckets:] // chunk)], -1)  # the no-bucket group last
-    ends = chunks.cumsum(-1)  # (B, H, nbuckets + 1), in chunks
-    nb = max(1, int(ends[..., num_buckets - 1].max()))
-    rank = _ranks(bucket, num_buckets + 1)
-    slot_of = (ends - chunks).gather(-1, bucket) * chunk + rank  # (B, H, N)
-    L = nb * chunk
-    slot_of = torch.where(bucket < num_buckets, slot_of, L)
-    source = torch.full((B, H, L + 1), -1, dtype=torch.long, device=bucket.device)
-    source.scatter_(-1, slot_of, torch.arange(n, device=bucket.device).expand(B, H, n).contiguous())
-    source = source[..., :L]
-    block_bucket = torch.searchsorted(ends[..., :num_buckets].contiguous(),
-                                      torch.arange(nb, device=bucket.device).expand(B, H, nb).contiguous(), right=True)
-    return slot_of, source, block_bucket
-
-
-def _chunk_block(c: int, n: int, K: int) -> int:
-    """The block size of the causal cluster attention: a divisor of the chunk c (the pattern does not
-    depend on it) near half the mean cluster size n / K, within [16, 64] when c allows: small enough
-    that padding every cluster to whole blocks wastes little, large enough that the block-sparse
-    primitive's gathered keys (S b d per block of b queries) stay near the scores' size."""
-    target = max(16, min(64, n // (2 * K)))
-    return max(b for b in range(1, min(c, target) + 1) if c % b == 0)
-
-
 def _divisor_near(w: int, target: int) -> int:
     """The largest divisor of w within [16, target], else w (a block size that cuts w into whole blocks)."""
     return max((b for b in range(16, min(w, target) + 1) if w % b == 0), default=w)
-
-
-def _first_blocks(bucket: Tensor, num_buckets: int, b: int) -> tuple[Tensor, Tensor]:
-    """(B, H, nbuckets) each: the first block of each bucket in `_bucket_slots`'s order (blocks of b),
-    and its number of blocks."""
-    counts = torch.zeros(*bucket.shape[:-1], num_buckets + 1, dtype=torch.long, device=bucket.device)
-    counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    chunks = -(-counts[..., :num_buckets] // b)
-    return chunks.cumsum(-1) - chunks, chunks
 
 
 def _layer_norm(x: Tensor) -> Tensor:
