@@ -76,9 +76,50 @@ def test_path_x_size_and_default_length():
     ds = get_task("pathfinder").datasets(seed=0, size=64, num_train=2, num_val=1, num_test=1)["train"]
     assert len(ds[0]["tokens"]) == 64 * 64  # max_len=None keeps the whole image
     with pytest.raises(ValueError, match="size"):
-        get_task("pathfinder").datasets(size=8, num_train=1, num_val=1, num_test=1)
+        get_task("pathfinder").datasets(size=7, num_train=1, num_val=1, num_test=1)
     with pytest.raises(ValueError, match="paddle_length"):
         get_task("pathfinder").datasets(paddle_length="long", num_train=1, num_val=1, num_test=1)
+
+
+QUICK_8 = dict(num_distractors=0, paddle_length=1.5, paddle_margin=0.75, paddle_thickness=1.0, marker_radius=0.75,
+               seed_distance=3.0)  # the quick suite's 8x8 geometry (train/lra.py)
+
+
+@pytest.mark.parametrize("size, contour_length, geometry", [(8, 2, QUICK_8), (16, 3, QUICK_8)])
+def test_crisp_images_have_three_values_and_the_label_is_the_pixel_connectivity(size, contour_length, geometry):
+    rng = np.random.default_rng(4)
+    for i in range(40):
+        label = i % 2
+        image, scene = P.draw_scene(rng, label, size, contour_length, crisp=True, marker_value=128, **geometry)
+        assert set(np.unique(image).tolist()) <= {0, 128, 255} and (image == 128).any() and (image == 255).any()
+        (x1, y1), (x2, y2) = (np.floor(m).astype(int) for m in scene["markers"])
+        assert image[y1, x1] == image[y2, x2] == 128
+        assert P.pixels_joined(image, (y1, x1), (y2, x2)) == bool(label), i
+
+
+def test_pixels_joined_takes_diagonal_steps_only_through_ink():
+    image = np.zeros((4, 4), dtype=np.uint8)
+    image[0, 0] = image[1, 1] = image[2, 2] = 255
+    assert P.pixels_joined(image, (0, 0), (2, 2))
+    image[1, 1] = 0
+    assert not P.pixels_joined(image, (0, 0), (2, 2))
+
+
+def test_marker_value_greys_the_markers_only():
+    default = P.draw_pathfinder(np.random.default_rng(9), 1, 32)
+    grey = P.draw_pathfinder(np.random.default_rng(9), 1, 32, marker_value=128)  # the same scene
+    assert (grey <= default).all() and (grey < default).any()
+    assert ((grey > 0) == (default > 0)).all()  # the same pixels inked
+
+
+def test_new_options_reach_the_task_and_are_checked():
+    ds = get_task("pathfinder").datasets(seed=0, size=8, contour_length=2, crisp=True, marker_value=128, **QUICK_8,
+                                         num_train=8, num_val=2, num_test=2)["train"]
+    tokens = np.stack([ds[i]["tokens"].numpy() for i in range(len(ds))])
+    assert tokens.shape == (8, 64) and set(np.unique(tokens).tolist()) <= {1, 129, 256}
+    for bad in (dict(crisp="yes"), dict(marker_value=0), dict(marker_value=256), dict(marker_value=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            get_task("pathfinder").datasets(**bad, num_train=1, num_val=1, num_test=1)
 
 
 # -- PNG (Pillow) -------------------------------------------------------------------------------

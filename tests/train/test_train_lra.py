@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from efficient_transformers.cli import main
 from efficient_transformers.registry import mechanisms as registered
+from efficient_transformers.tasks import get_task
 from efficient_transformers.train import lra, lra_report
 from efficient_transformers.train.trainer import Trainer
 
@@ -217,13 +218,16 @@ def test_every_budget_names_real_options_and_runs_at_the_quick_lengths(monkeypat
             assert set(options) <= set(cards[name].options), (name, set(options) - set(cards[name].options))
     shaped = {t: lra._is_shaped(t, s) for t, s in lra.QUICK.items()}
     assert shaped == {"listops": False, "text": False, "retrieval": False, "image": True, "pathfinder": True}
-    settings = sorted({(s.max_len, shaped[t]) for t, s in lra.QUICK.items()})
-    settings = [settings[0]] + [s for s in settings if s[0] == max(n for n, _ in settings)]  # 128 lies between
+    shapes = {t: get_task(t).data_shape(dict(s.task_options)) if shaped[t] else None for t, s in lra.QUICK.items()}
+    settings = sorted({(s.max_len, shapes[t]) for t, s in lra.QUICK.items()}, key=lambda x: (x[0], x[1] is not None))
+    longest = max(n for n, _ in settings)  # the shortest, the longest and every grid (128 lies between)
+    settings = [x for i, x in enumerate(settings) if i == 0 or x[0] == longest or x[1] is not None]
     for name in [c.name for c in cards.values() if c.bidirectional]:
-        for n, grid in settings:
+        for n, shape in settings:
             torch.manual_seed(0)
+            grid = shape is not None
             stack = TransformerStack(16, 1, 2, attention=name, attention_options=lra.budget_for(name, True, grid),
-                                     max_seq_len=n, ff_mult=2, data_shape=(16, 16) if grid else None)
+                                     max_seq_len=n, ff_mult=2, data_shape=shape)
             x = torch.randn(1, n, 16, requires_grad=True)
             y = stack(x)
             y.square().mean().backward()

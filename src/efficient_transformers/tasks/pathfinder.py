@@ -34,7 +34,12 @@ less in the worst case): their edges are about ``2 * paddle_margin`` apart, wide
 inside a snake (``paddle_margin - paddle_thickness``, as paddle ends are round), and the label is
 exactly the connectivity (tested on the pixels). Snakes are placed by drawing a random shape and trying many rotations and
 translations of it at once against an occupancy grid; a distractor that does not fit is left out.
-Rendering is anti-aliased by supersampling, ink white (255) on black (0).
+Rendering is anti-aliased by supersampling, ink white (255) on black (0). Option ``crisp`` draws binary
+ink instead (a pixel is 255 when at least half covered: few token values, 1-pixel strokes at small
+sizes); an image whose markers are then not both drawn at their centre pixel, or whose markers'
+8-neighbour connectivity through non-zero pixels differs from the label, is drawn again, so the
+label is exactly the pixel connectivity. Option ``marker_value`` (default 255, the ink's) gives the
+markers their own grey, so that they differ from the paths by value and not only by shape.
 
 Differences from Linsley's generator: lengths are in output pixels; curvature is bounded by
 ``max_turn`` (LRA's ``continuity`` setting is not reproduced); no contrast jitter; approximate
@@ -44,7 +49,8 @@ names; other sizes scale the 32 preset): size 32 - ``paddle_length`` 1.5,
 7 (LRA), ``max_turn`` 40, 5 distractors (LRA: 20 // (14 // 3)); size 128 (Path-X) - 5, 2.5,
 1.5 (LRA), 3 (LRA), 20 (LRA), 30, 8 distractors (LRA: 35 // (14 // 3)). LRA's own 32x32
 paddle length (2) and gap (1) do not leave room for two 14-paddle snakes here. Labels are balanced;
-defaults 1000 / 200 / 200 images (about 5 ms each at 32x32).
+defaults 1000 / 200 / 200 images (about 5 ms each at 32x32). Sizes from 8 up (the quick suite's 8x8
+Pathfinder: crisp, 2-paddle paths, see ``train/lra.py``).
 """
 
 from __future__ import annotations
@@ -305,8 +311,12 @@ class _Canvas:
         self._stamp(self.blocked, np.concatenate([ring, centre[None]]))
 
 
-def _render(size: int, segments: list, markers: list, thickness: float, radius: float) -> np.ndarray:
-    """Anti-aliased drawing (supersampled) of paddles and marker discs -> (size, size) uint8."""
+def _render(size: int, segments: list, markers: list, thickness: float, radius: float, *, crisp: bool = False,
+            marker_value: int = 255) -> np.ndarray:
+    """Drawing of paddles and marker discs -> (size, size) uint8: anti-aliased by supersampling (the
+    default), or ``crisp``: a pixel is inked (255) when at least half of it is covered. Markers take
+    ``marker_value`` (crisp: on pixels at least half covered by a disc, over any ink; anti-aliased:
+    ``marker_value`` x the disc's coverage where that exceeds the path's ink)."""
     ss = 4 if size <= 64 else 2
     canvas = np.zeros((size * ss, size * ss), dtype=bool)  # (S, S) subpixels
     if segments:
@@ -329,12 +339,46 @@ def _render(size: int, segments: list, markers: list, thickness: float, radius: 
         keep = inside & (ix >= 0) & (iy >= 0) & (ix < size * ss) & (iy < size * ss)
         canvas[iy[keep], ix[keep]] = True
     yy, xx = np.mgrid[0 : size * ss, 0 : size * ss]
+    discs = np.zeros_like(canvas)  # (S, S) subpixels inside a marker disc
     for c in markers:
         cx, cy = c * ss
         r = radius * ss
-        canvas |= (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r**2
-    cover = canvas.reshape(size, ss, size, ss).mean(axis=(1, 3))  # (size, size) coverage in [0, 1]
-    return np.floor(cover * 255 + 0.5).astype(np.uint8)
+        discs |= (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r**2
+    if not crisp and marker_value == 255:  # the historical rendering: one anti-aliased canvas
+        cover = (canvas | discs).reshape(size, ss, size, ss).mean(axis=(1, 3))  # (size, size) coverage in [0, 1]
+        return np.floor(cover * 255 + 0.5).astype(np.uint8)
+    ink = canvas.reshape(size, ss, size, ss).mean(axis=(1, 3))  # (size, size) path coverage
+    disc = discs.reshape(size, ss, size, ss).mean(axis=(1, 3))  # (size, size) marker coverage
+    if crisp:
+        image = np.where(ink >= 0.5, 255, 0)
+        return np.where(disc >= 0.5, marker_value, image).astype(np.uint8)
+    return np.floor(np.maximum(ink * 255, disc * marker_value) + 0.5).astype(np.uint8)
+
+
+def pixels_joined(image: np.ndarray, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether pixels ``a`` and ``b`` ((row, col)) are joined by non-zero pixels, 8-neighbour steps."""
+    ink = image > 0  # (H, W)
+    reach = np.zeros_like(ink)
+    reach[a] = ink[a]
+    while True:
+        grown = np.pad(reach, 1)
+        near = np.zeros_like(ink)
+        for dy in range(3):
+            for dx in range(3):
+                near |= grown[dy : dy + ink.shape[0], dx : dx + ink.shape[1]]
+        near &= ink
+        if (near == reach).all():
+            return bool(reach[b])
+        reach = near
+
+
+def _crisp_label_holds(image: np.ndarray, m1: np.ndarray, m2: np.ndarray, label: int, marker_value: int) -> bool:
+    """Crisp images: each marker's centre pixel is drawn in the marker's value, and the markers are
+    joined by 8-neighbour ink exactly when ``label`` is 1 (thin crisp strokes can lose a pixel)."""
+    p1, p2 = ((int(m[1]), int(m[0])) for m in (m1, m2))  # (row, col) of the centres
+    if image[p1] != marker_value or image[p2] != marker_value:
+        return False
+    return pixels_joined(image, p1, p2) == bool(label)
 
 
 def draw_pathfinder(rng: np.random.Generator, label: int, size: int = 32, contour_length: int = 14,
@@ -343,8 +387,8 @@ def draw_pathfinder(rng: np.random.Generator, label: int, size: int = 32, contou
     return draw_scene(rng, label, size, contour_length, **geometry)[0]
 
 
-def draw_scene(rng: np.random.Generator, label: int, size: int = 32, contour_length: int = 14,
-               **geometry) -> tuple[np.ndarray, dict]:
+def draw_scene(rng: np.random.Generator, label: int, size: int = 32, contour_length: int = 14, *,
+               crisp: bool = False, marker_value: int = 255, **geometry) -> tuple[np.ndarray, dict]:
     """`draw_pathfinder` plus the scene: ``markers`` (two (x, y) centres), ``marker_snakes`` (the
     index of the snake each marker sits on), ``snakes`` (sample points along each snake's paddles,
     the two long ones first) and ``geometry``."""
@@ -375,7 +419,10 @@ def draw_scene(rng: np.random.Generator, label: int, size: int = 32, contour_len
         cv.add_obstacle(m2)
         for _ in range(int(g["num_distractors"])):
             cv.add_snake(max(1, contour_length // 3), shapes=8)  # a distractor that does not fit is left out
-        image = _render(size, cv.segments, [m1, m2], g["paddle_thickness"], g["marker_radius"])
+        image = _render(size, cv.segments, [m1, m2], g["paddle_thickness"], g["marker_radius"], crisp=crisp,
+                        marker_value=marker_value)
+        if crisp and not _crisp_label_holds(image, m1, m2, label, marker_value):
+            continue  # a pixel of the path or a marker lost to the threshold: draw again
         return image, {"markers": (m1, m2), "marker_snakes": (s1, s2), "snakes": cv.points, "geometry": g}
     raise ValueError(f"pathfinder: could not place the paths in a {size}x{size} image with {g}; "
                      "use a larger size or shorter contours")
@@ -405,6 +452,8 @@ class PathfinderTask(Task):
         "size": (32, GENERATE),
         "contour_length": (14, GENERATE),
         **{k: (None, GENERATE) for k in GEOMETRY},  # None -> the preset for the size
+        "crisp": (False, GENERATE),  # binary ink instead of anti-aliasing
+        "marker_value": (255, GENERATE),  # the markers' grey value (255 = the ink's)
         "difficulty": ("hard", LOAD),
     }
 
@@ -415,11 +464,15 @@ class PathfinderTask(Task):
         size = int(opts.get("size", 32))
         return (size, size)
 
-    def _generate(self, *, seed, max_len, sizes, size, contour_length, **geometry):
-        if not isinstance(size, int) or size < 16:
-            raise ValueError(f"pathfinder: size must be an int >= 16, got {size!r}")
+    def _generate(self, *, seed, max_len, sizes, size, contour_length, crisp, marker_value, **geometry):
+        if not isinstance(size, int) or size < 8:
+            raise ValueError(f"pathfinder: size must be an int >= 8, got {size!r}")
         if not isinstance(contour_length, int) or contour_length < 2:
             raise ValueError(f"pathfinder: contour_length must be an int >= 2, got {contour_length!r}")
+        if not isinstance(crisp, bool):
+            raise ValueError(f"pathfinder: crisp must be true or false, got {crisp!r}")
+        if not isinstance(marker_value, int) or isinstance(marker_value, bool) or not 1 <= marker_value <= 255:
+            raise ValueError(f"pathfinder: marker_value must be an int in 1..255, got {marker_value!r}")
         for key, value in geometry.items():
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
                                       or (key == "num_distractors" and not isinstance(value, int))):
@@ -428,7 +481,7 @@ class PathfinderTask(Task):
         out = {}
         for split in ("train", "val", "test"):
             images, labels = generate_images(split_rng(seed, self.name, split), sizes[split], size, contour_length,
-                                             **geometry)
+                                             crisp=crisp, marker_value=marker_value, **geometry)
             out[split] = ClassificationDataset(Ragged.from_matrix(images.reshape(len(images), size * size)), labels, shift=1,
                                                max_len=max_len)
         return out
