@@ -251,3 +251,20 @@ def test_kendall_tau_and_lra_published_averages():
         assert lra_report.published_average(name) == pytest.approx(avg, abs=0.006)
     same = lra_report.rank_correlation({m: lra_report.published_average(m) for m in lra_report.PUBLISHED_ACCURACY})
     assert same["tau"] == pytest.approx(1.0) and same["n"] == 10
+
+
+def test_every_mechanism_with_more_parameters_than_vanilla_says_why(monkeypatch):
+    """LRA's rule: parameter counts within +10 % of vanilla's, or a reason in PARAMETER_NOTES. Checked on
+    one layer at the quick size and budget (the rest of the model is the same for all)."""
+    monkeypatch.undo()
+    from efficient_transformers.models.blocks import TransformerStack
+
+    def count(name):
+        stack = TransformerStack(64, 1, 2, attention=name, attention_options=lra.budget_for(name, True),
+                                 max_seq_len=256, ff_mult=2)
+        return sum(p.numel() for p in stack.parameters())
+
+    vanilla = count("vanilla")
+    excess = {c.name for c in registered() if c.bidirectional and count(c.name) > vanilla}
+    assert excess, "no mechanism has extra parameters: the check would not notice a missing reason"
+    assert excess <= set(lra.PARAMETER_NOTES), sorted(excess - set(lra.PARAMETER_NOTES))
