@@ -98,7 +98,7 @@ def test_one_bucket_one_chunk_is_full_shared_qk_attention_with_the_self_rule(cau
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("N,c", [(12, 2), (17, 3), (150, 32)])  # 150, 32: several chunks per bucket
+@pytest.mark.parametrize("N,c", [(12, 2), (17, 3), (150, 32)])  # 150, 32: several chunks per bucket, causal blocks of 16
 def test_rounds_equal_the_naive_union_over_explicit_windows(causal, N, c):
     layer = build(causal, n_buckets=4, bucket_size=c, n_hashes=3)
     q, k, v = qkv(2, N, seed=N)

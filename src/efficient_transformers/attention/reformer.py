@@ -17,11 +17,15 @@ Causal (exactly causal, ALGORITHMS.md section 4; a departure from the paper, who
 a future token's bucket move the chunk boundaries of past tokens): each bucket is cut into chunks
 *separately* (rank of a token inside its bucket, in position order, // c), so a token's chunk-mates
 are the same-bucket tokens just before it; it attends its own chunk and the previous chunk of the
-same bucket, keys strictly before it (self excluded by strict causality). Padded tokens get a bucket
-of their own that nobody attends. The slots of the chunked order are one per-item, per-head sequence
-(each bucket padded to a multiple of c), attended through `block_sparse_attention` with a per-item
-layout (own chunk, previous chunk if it is of the same bucket) and the original positions (codes
-2 pos for queries, 2 pos + 1 for keys with the kernel's causal rule: pos_k < pos_q exactly).
+same bucket, keys strictly before it (self excluded by strict causality). Padded tokens are in no
+bucket (no slot: never attended, output 0). The slots come from `core.bucketing.causal_chunk_pattern`
+(shared with Routing): each bucket padded to whole blocks of b, a divisor of c near half the mean
+bucket size (16..64), query block beta of a bucket attending the bucket's blocks from the first block
+of its previous chunk up to itself, query blocks ordered by how many key blocks they use (so the
+kernel skips the slots a group does not use), with the original positions (codes 2 pos for queries,
+2 pos + 1 for keys with the kernel's causal rule: pos_k < pos_q exactly). With n_buckets sized from
+max_seq_len, a shorter call has small buckets, which blocks of c would pad to whole chunks (at
+N = max_seq_len / 4: 1.6x slower). Decoding keeps chunk-sized blocks (`_slots`), the same key sets.
 
 Bidirectional: the paper's global sort by (bucket, position), fixed chunks of c over the sorted
 order, own + previous chunk attended regardless of bucket (as the paper; no wrap-around from the
@@ -40,8 +44,8 @@ disjoint and their merge is exactly that softmax. All rounds run through one
 `gathered_block_sparse_attention` call: each round is a pass over its sorted (or per-bucket chunked)
 order, read from q, k, v by index, merged per token by log-sum-exp.
 
-Cost: O(n_hashes N c d) time (causal: each bucket padded to a multiple of c, at most
-(n_buckets + 1)(c - 1) empty slots more; round r also evaluates r exclusion codes per pair);
+Cost: O(n_hashes N c d) time (causal: each bucket padded to a multiple of b, at most
+n_buckets (b - 1) empty slots more; round r also evaluates r exclusion codes per pair);
 O(N d) memory: the gathered primitive keeps no sorted copy of q, k, v and no per-round output
 (autograd keeps the projections, the normalised keys, the merged output and lse, and the rounds'
 integer plans, O(n_hashes N)); hashing runs one round at a time ((B, H, N, n_buckets / 2) scores).
@@ -73,7 +77,7 @@ from torch import Tensor
 from ..core import AttentionLayer, SeededDraws, heads_last
 from ..core import options as opt
 from ..core.block_sparse import NO_BLOCK, BlockLayout, GatheredPass, PairExclusion, gathered_block_sparse_attention
-from ..core.bucketing import ranks_in_bucket
+from ..core.bucketing import causal_chunk_pattern, ranks_in_bucket
 from ..registry import Card, register
 
 _BIG = 2**40
@@ -133,24 +137,6 @@ def _slots(bucket: Tensor, rank: Tensor, c: int, num_buckets: int):
     ids = torch.arange(num_chunks, device=dev)
     prev = torch.where(same, ids - 1, torch.full_like(ids, NO_BLOCK))
     return slot_of_token, slot_token, slot_used, token_chunk, prev
-
-
-def _chunks_with_previous_first(slot_token: Tensor, slot_used: Tensor, prev: Tensor, c: int):
-    """Renumber the chunks of each (item, head) so that those with a previous chunk of their bucket come
-    first (stable: otherwise in order), and map `prev` through the renumbering. The attention is the
-    same (a chunk's slots, its keys and its previous chunk move together; the exclusion codes keep the
-    original chunk numbers); only the kernel's groups of consecutive query chunks change: about two
-    thirds of the chunks (a bucket's first) have no previous chunk, and a group none of whose chunks has
-    one skips that key slot (no product, no mask) instead of computing it fully masked."""
-    B, H, num_chunks = prev.shape
-    order = torch.sort((prev < 0).to(torch.int8), dim=-1, stable=True).indices  # (B, H, nL): new -> old
-    new_id = torch.empty_like(order).scatter_(-1, order, torch.arange(num_chunks, device=prev.device).expand_as(order))
-    old_prev = prev.gather(-1, order)  # (B, H, nL)
-    prev = torch.where(old_prev >= 0, new_id.gather(-1, old_prev.clamp(min=0)), torch.full_like(old_prev, NO_BLOCK))
-    by_chunk = order[..., None].expand(B, H, num_chunks, c)
-    slot_token = slot_token.view(B, H, num_chunks, c).gather(2, by_chunk).view(B, H, num_chunks * c)
-    slot_used = slot_used.view(B, H, num_chunks, c).gather(2, by_chunk).view(B, H, num_chunks * c)
-    return slot_token, slot_used, prev
 
 
 @register(
@@ -244,56 +230,56 @@ class ReformerAttention(AttentionLayer):
             chunks.append(torch.empty_like(order).scatter_(-1, order, pos.expand(B, H, T)) // c)
         return gathered_block_sparse_attention(q, k, v, passes, self_keys=_self_keys(real, 0))
 
-    def _round(self, key_pos, key_real, bucket, rank, earlier_codes, query_tokens=None, query_pos=None):
-        """The pass of one hash round over tokens (key_pos (T,), key_real (B, H, T), bucket/rank (B, H, T))
-        in the per-bucket chunked order. Queries: the same tokens (query_tokens None), or new queries at
-        positions query_pos (n,) whose tokens are query_tokens (n,) indices into the keys, each its own
-        query block. earlier_codes: the codes of the earlier rounds (pairs already attended there are
-        excluded); this round's code is appended: code = chunk + bucket, so that key j is in query i's own
-        or previous chunk of the same bucket iff code_i - code_j in {0, 1} (buckets two codes apart)."""
+    def _decoding_round(self, key_pos, key_real, bucket, rank, earlier_codes, query_tokens, query_pos):
+        """The pass of one hash round for new queries at positions query_pos (n,), whose tokens are
+        query_tokens (n,) indices into the keys (key_pos (T,), key_real (B, H, T), bucket/rank (B, H, T)),
+        each query its own query block, over the per-bucket chunked order of the keys (`_slots`: after
+        pruning, a bucket's ranks need not start at 0). earlier_codes: the codes of the earlier rounds
+        (pairs already attended there are excluded); this round's code is appended: code = chunk + bucket,
+        so that key j is in query i's own or previous chunk of the same bucket iff code_i - code_j in
+        {0, 1} (buckets two codes apart). The whole-sequence form (`_causal_full`) attends the same key
+        sets through `core.bucketing`."""
         c, nbk = self.bucket_size, self.n_buckets + 1
-        B, H, T = bucket.shape
         slot_of_token, slot_token, slot_used, token_chunk, prev = _slots(bucket, rank, c, nbk)
-        if query_tokens is None:  # the chunks that have a previous chunk first: see `_chunks_with_previous_first`
-            slot_token, slot_used, prev = _chunks_with_previous_first(slot_token, slot_used, prev, c)
         spos = key_pos[slot_token]  # (B, H, L)
         key_index = torch.where(slot_used, slot_token, -1)  # (B, H, L): -1 = an empty slot
         key_mask = key_real.gather(-1, slot_token)
         key_codes = [code.gather(-1, slot_token) for code in earlier_codes]  # (B, H, L) each
-        if query_tokens is None:
-            num_chunks = prev.shape[-1]
-            ids = torch.arange(num_chunks, device=bucket.device).expand(B, H, num_chunks)
-            blocks = torch.stack([prev, ids], -1)  # (B, H, nL, 2)
-            rules = tuple(PairExclusion(codes, codes, -1, 0) for codes in key_codes)
-            layout = BlockLayout(c, blocks, query_positions=2 * spos, key_positions=2 * spos + 1, causal=True,
-                                 exclusions=rules)
-            result = GatheredPass(layout, key_index, key_index, key_mask)
-        else:
-            n = query_tokens.shape[0]
-            own = token_chunk[:, :, query_tokens]  # (B, H, n): each new query is its own query block
-            blocks = torch.stack([prev.gather(-1, own), own], -1)  # (B, H, n, 2)
-            qpos = (2 * query_pos).repeat_interleave(c)  # (n c,)
-            query_slots = torch.full((n, c), -1, dtype=torch.long, device=bucket.device)
-            query_slots[:, 0] = torch.arange(n, device=bucket.device)  # new query t in slot t c, the rest empty
-            rules = tuple(PairExclusion(code[:, :, query_tokens].repeat_interleave(c, dim=-1), codes, -1, 0)
-                          for code, codes in zip(earlier_codes, key_codes))
-            layout = BlockLayout(c, blocks, query_positions=qpos, key_positions=2 * spos + 1, causal=True,
-                                 exclusions=rules)
-            result = GatheredPass(layout, query_slots.view(1, 1, n * c), key_index, key_mask)
+        n = query_tokens.shape[0]
+        own = token_chunk[:, :, query_tokens]  # (B, H, n): each new query is its own query block
+        blocks = torch.stack([prev.gather(-1, own), own], -1)  # (B, H, n, 2)
+        qpos = (2 * query_pos).repeat_interleave(c)  # (n c,)
+        query_slots = torch.full((n, c), -1, dtype=torch.long, device=bucket.device)
+        query_slots[:, 0] = torch.arange(n, device=bucket.device)  # new query t in slot t c, the rest empty
+        rules = tuple(PairExclusion(code[:, :, query_tokens].repeat_interleave(c, dim=-1), codes, -1, 0)
+                      for code, codes in zip(earlier_codes, key_codes))
+        layout = BlockLayout(c, blocks, query_positions=qpos, key_positions=2 * spos + 1, causal=True,
+                             exclusions=rules)
         earlier_codes.append(token_chunk + bucket)
-        return result
+        return GatheredPass(layout, query_slots.view(1, 1, n * c), key_index, key_mask)
 
     def _causal_full(self, q, k, v, real, buckets):
         B, H, T, _ = q.shape
         nb = self.n_buckets
         pad = ~real[:, None, :].expand(B, H, T)
         pos = torch.arange(T, device=q.device)
-        passes, ranks, codes = [], [], []
+        c = self.bucket_size
+        code_stride = T // c + 3  # codes of different buckets' chunks at least 2 apart
+        passes, ranks, codes = [], [], []  # codes[r'] (B, H, T): bucket and chunk of each token in round r'
         for r in range(self.n_hashes):
-            bucket = buckets[:, :, r].masked_fill(pad, nb)  # padded tokens: a bucket of their own
+            bucket = buckets[:, :, r].masked_fill(pad, nb)  # padded tokens: in no bucket (no slot)
             rank = ranks_in_bucket(bucket, nb + 1)
             ranks.append(rank)
-            passes.append(self._round(pos, ~pad, bucket, rank, codes))
+            # per-bucket chunks of c in blocks of b | c (core.bucketing), query blocks ordered by their used
+            # key slots; strictly earlier keys (2 pos < 2 pos' + 1 never holds for the token itself: the self
+            # rule); the pairs of earlier rounds excluded by their codes
+            b, blocks, query_source, key_source = causal_chunk_pattern(bucket, nb, c)
+            qt, kt = query_source.clamp(min=0), key_source.clamp(min=0)
+            rules = tuple(PairExclusion(code.gather(-1, qt), code.gather(-1, kt), -1, 0) for code in codes)
+            layout = BlockLayout(b, blocks, query_positions=2 * qt, key_positions=2 * kt + 1, causal=True,
+                                 exclusions=rules)
+            passes.append(GatheredPass(layout, query_source, key_source))
+            codes.append(bucket * code_stride + rank // c)
         out, _ = gathered_block_sparse_attention(q, k, v, passes, self_keys=_self_keys(real, 0))
         counts = torch.zeros(B, H, self.n_hashes, nb + 1, dtype=torch.long, device=q.device)
         counts.scatter_add_(-1, buckets.masked_fill(pad[:, :, None], nb), (~pad)[:, :, None].long().expand_as(buckets))
@@ -321,7 +307,7 @@ class ReformerAttention(AttentionLayer):
             dead = ~live[:, :, r]
             bucket = all_buckets[:, :, r].masked_fill(dead, nb)  # others: the unattended bucket
             rank = torch.where(dead, dead.long().cumsum(-1) - 1, all_ranks[:, :, r])
-            passes.append(self._round(all_pos, ~dead, bucket, rank, codes, query_tokens, new_pos))
+            passes.append(self._decoding_round(all_pos, ~dead, bucket, rank, codes, query_tokens, new_pos))
         out, _ = gathered_block_sparse_attention(q, all_k, all_v, passes, self_keys=_self_keys(real, m))
         counts = state.counts + (F.one_hot(buckets, nb) * new_real[..., None]).sum(-2)
         new_state = ReformerState(all_k, all_v, all_pos, torch.cat([state.real, real], 1), all_buckets, all_ranks,

@@ -328,11 +328,11 @@ class RoutingAttention(AttentionLayer):
         bucket = torch.where(real[:, None, :], nearest, K)  # padding: in no cluster
         if state is not None:
             return self._decode(q, v, bucket, state)
-        b, blocks, source = causal_chunk_pattern(bucket, K, c)  # blocks of b | c; source (B, Hr, L)
-        positions = source.clamp(min=0)  # (B, Hr, L): the original positions of the slots
-        layout = BlockLayout(b, blocks, query_positions=positions, key_positions=positions, causal=True)
+        b, blocks, query_source, key_source = causal_chunk_pattern(bucket, K, c)  # blocks of b | c; (B, Hr, L) each
+        layout = BlockLayout(b, blocks, query_positions=query_source.clamp(min=0),  # the slots' original positions
+                             key_positions=key_source.clamp(min=0), causal=True)
         # one pass over the slots (q is also the key); a padded token has no slot: output 0
-        out, _ = gathered_block_sparse_attention(q, q, v, [GatheredPass(layout, source)])  # (B, Hr, N, d)
+        out, _ = gathered_block_sparse_attention(q, q, v, [GatheredPass(layout, query_source, key_source)])  # (B, Hr, N, d)
         return out, (None, None, None, None, (q.detach(), v.detach(), bucket))
 
     def _ring_from_sequence(self, q, v, bucket):

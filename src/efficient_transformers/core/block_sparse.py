@@ -37,8 +37,8 @@ FLOPs), five backward (the scores recomputed, then dV, dP, dQ, dK); O(N d) memor
 Query blocks are processed in groups of G, with one batched product (B, H, G, b, d) x (B, H, G, d,
 C b) per step; when one block's row of S b keys exceeds the budget, its slots are processed in chunks
 of C with an online softmax (running max, running sum, running output). Transients are bounded by
-max(`score_budget`, B H b^2) score elements (plus the gathered keys and values of one group),
-whatever N, and live in per-call buffers reused by every group; k and v are read in place when
+max(`score_budget`, B H b^2) score elements, and the gathered keys and values of one group about as
+many (a group's size counts b x max(b, d) per query block and slot), whatever N, and live in per-call buffers reused by every group; k and v are read in place when
 contiguous with N a multiple of b, else copied once (O(N d)). Key blocks are gathered for the group only
 (`index_select`); for a band of blocks (slot s of block I is block I + s + c) interior groups read
 them in place, through overlapping strided views of the key table, with no copy at all. Element
@@ -430,7 +430,9 @@ def _plan(q: Tensor, k: Tensor, layout: BlockLayout, key_mask: Tensor | None, sc
     key_rows = ((item * H + head) * nk + blocks.clamp(min=0)).expand(B, H, nq, S)  # (B, H, nq, S)
 
     chunk = max(1, min(S, score_budget // max(1, B * H * b * b)))
-    group = max(1, score_budget // max(1, B * H * b * chunk * b))
+    # per query block of a group: b x (chunk b) scores and chunk b gathered key rows of d; with blocks
+    # smaller than d the gathered rows dominate the workspace (b = 16, d = 64: 4x the scores)
+    group = max(1, score_budget // max(1, B * H * b * chunk * max(b, q.shape[-1])))
     groups = [(i, min(i + group, nq)) for i in range(0, nq, group)]
     offset = None if gathered else _band_offset(blocks)
     shifted = [offset is not None and g0 + offset >= 0 and g1 - 1 + offset + S <= nk for g0, g1 in groups]
