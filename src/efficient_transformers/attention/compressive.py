@@ -347,12 +347,9 @@ class CompressiveAttention(TransformerXLAttention):
 
     # ------------------------------------------------------------------ validation
     def check_memory(self, state, batch: int, device) -> None:
-        if state is None:
+        if not self._is_state(state, CompressiveMemory, "the memory", "from a previous call with return_state=True"):
             return
         name = self.card.name
-        if not isinstance(state, CompressiveMemory):
-            raise ValueError(f"{name}: the memory must be a CompressiveMemory (from a previous call with "
-                             f"return_state=True) or None, got {type(state).__name__}")
         h, s = state.hidden, state.compressed
         self._check_hidden(h, batch, self.mem_len + self.rate - 1, "mem_len + compression_rate - 1")
         self._check_hidden(s, batch, self.cmem_len, "cmem_len", what="the compressed memory", rows="s")

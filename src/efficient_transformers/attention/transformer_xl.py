@@ -280,15 +280,21 @@ class TransformerXLAttention(AttentionLayer):
     # ------------------------------------------------------------------ validation
     def check_memory(self, state, batch: int, device) -> None:
         """A forward-path memory must be an XLMemory with hidden (B, m <= mem_len, dim) and key_mask (B, m)."""
-        if state is None:
+        if not self._is_state(state, XLMemory, "the memory", "from a previous call with return_state=True"):
             return
-        name = self.card.name
-        if not isinstance(state, XLMemory):
-            raise ValueError(f"{name}: the memory must be an XLMemory (from a previous call with return_state=True) "
-                             f"or None, got {type(state).__name__}")
         h = state.hidden
         self._check_hidden(h, batch, self.mem_len, "mem_len")
         self._check_memory_mask(state.key_mask, batch, h.shape[1])
+
+    def _is_state(self, state, kind: type, what: str, origin: str) -> bool:
+        """False for None (no memory); True for a `kind`; a ValueError naming what is allowed otherwise."""
+        if state is None:
+            return False
+        if not isinstance(state, kind):
+            article = "an" if kind.__name__[0] in "AEIOX" else "a"  # an XLMemory, a KVCache
+            raise ValueError(f"{self.card.name}: {what} must be {article} {kind.__name__} ({origin}) or None, got "
+                             f"{type(state).__name__}")
+        return True
 
     def _check_hidden(self, h, batch: int, longest: int, longest_is: str, what: str = "memory hidden states",
                       rows: str = "m") -> None:
@@ -298,12 +304,9 @@ class TransformerXLAttention(AttentionLayer):
                              f"{longest_is} = {longest}, {self.dim}), got {tuple(h.shape) if isinstance(h, Tensor) else h!r}")
 
     def _check_kv_memory(self, state, batch: int, device) -> None:
-        if state is None:
+        if not self._is_state(state, KVCache, "attend()'s memory", "the last mem_len keys and values, from a previous attend"):
             return
         name = self.card.name
-        if not isinstance(state, KVCache):
-            raise ValueError(f"{name}: attend()'s memory must be a KVCache of the last mem_len keys and values "
-                             f"(from a previous attend) or None, got {type(state).__name__}")
         m = state.k.shape[-2]
         expected = (batch, self.heads, m, self.head_dim)
         if state.k.dim() != 4 or tuple(state.k.shape) != expected or tuple(state.v.shape) != expected or m > self.mem_len:
