@@ -102,7 +102,8 @@ def causal_chunk_pattern(bucket: Tensor, num_buckets: int, chunk: int, block: in
     n = bucket.shape[-1]
     b = chunk_block_size(chunk, n, num_buckets) if block is None else block
     if chunk % b:
-        raise ValueError(f"causal bucket pattern: block {b} must divide the chunk {chunk}")
+        raise ValueError(f"causal bucket pattern: block {b} must divide the chunk {chunk}; allowed: a divisor "
+                         f"of {chunk} or None")
     m = chunk // b  # blocks per chunk
     _, source, block_bucket = bucket_slots(bucket, num_buckets, b)
     nb = block_bucket.shape[-1]
