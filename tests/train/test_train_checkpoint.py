@@ -124,6 +124,17 @@ def test_recover_discards_an_uncommitted_checkpoint(tmp_path):
     assert not list(tmp_path.glob("*.pending"))
 
 
+def test_recover_removes_the_temporary_file_of_a_write_killed_midway(tmp_path):
+    """A SIGKILL inside `atomic_write_bytes` leaves its `.NAME.XXXX.tmp`; the committed files stay, the
+    orphan goes (seen in the SIGKILL test: the kill landed inside the state file's write)."""
+    _write_tagged(tmp_path, ckpt.MODEL_FILE, 5)
+    ckpt.atomic_write_json(tmp_path / ckpt.STATE_FILE, _state(5, {ckpt.MODEL_FILE: 5}))
+    orphan = tmp_path / f".{ckpt.STATE_FILE}.abc123.tmp"
+    orphan.write_text('{"format": ')  # half a state file
+    assert ckpt.recover(tmp_path)["step"] == 5
+    assert not orphan.exists() and ckpt.file_tag(tmp_path / ckpt.MODEL_FILE) == 5
+
+
 def test_recover_refuses_a_folder_changed_outside_the_trainer(tmp_path):
     _write_tagged(tmp_path, ckpt.MODEL_FILE, 7)
     ckpt.atomic_write_json(tmp_path / ckpt.STATE_FILE, _state(5, {ckpt.MODEL_FILE: 5}))

@@ -263,7 +263,8 @@ def recover(out_dir: Path) -> dict[str, Any]:
     """Bring `out_dir` to its last committed checkpoint and return that checkpoint's state.
 
     Rolls forward files whose pending copy carries the committed tag, deletes pending files of an
-    uncommitted checkpoint, and raises `CheckpointError` when a committed file cannot be found."""
+    uncommitted checkpoint and the temporary files of writes a killed process left unfinished, and
+    raises `CheckpointError` when a committed file cannot be found."""
     state = read_json(out_dir / STATE_FILE, "trainer state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{out_dir / STATE_FILE}: expected a trainer state with format {STATE_FORMAT!r}")
@@ -278,4 +279,6 @@ def recover(out_dir: Path) -> dict[str, Any]:
                               f"found step {file_tag(final)}; the folder was changed outside the trainer")
     for leftover in out_dir.glob("*" + PENDING_SUFFIX):
         leftover.unlink()
+    for orphan in out_dir.glob(".*.tmp"):  # `atomic_write_bytes` temporaries of a process killed mid-write
+        orphan.unlink()
     return state
