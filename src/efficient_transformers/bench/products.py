@@ -29,6 +29,12 @@ pass (autograd's graph task is active) none of whose operands is tainted depends
 quantities only: it redoes forward work (activation checkpointing, a custom Function recomputing
 its features or block scores) and is not part of the ceiling. A forward product is always kept.
 
+**Native kernels** (`efficient_transformers.native`, e.g. the Performer's bidirectional FAVOR+) do their
+products inside C++, where this mode cannot see them, and their elementwise work too, where taint
+could not follow: while recording, the step runs the portable Python path (`native.portable()`), which
+does the same products (one head at a time in C++, all heads per product in Python: the same FLOPs).
+The FLOP counter (`harness.count_flops`) does the same.
+
 **Replay** (`replay`): every kept product runs as `torch.mm`/`bmm`/`addbmm(out=...)` on contiguous
 row-major buffers of its shape (values irrelevant: only the time counts), allocated once and shared
 by products of the same shape and role (a segment loop's products reuse their buffers, as its
@@ -49,6 +55,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from .. import native
 
 aten = torch.ops.aten
 # op packet -> how to read (batch, m, n, k) from its tensor arguments
@@ -206,6 +214,19 @@ class ProductRecorder(TorchDispatchMode):
             key = _storage_key(t)
             if key is not None:
                 self.tainted[key] = True
+
+    def __enter__(self):
+        # native kernels (`efficient_transformers.native`) do their products inside C++, out of this mode's
+        # sight: the step runs the portable path, which does the same products, while recorded
+        self._portable = native.portable()
+        self._portable.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._portable.__exit__(None, None, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -215,6 +215,11 @@ class PositiveRandomFeatures(RandomFeatures):
     def num_features(self) -> int:
         return 2 * self.nb_features if self.hyperbolic else self.nb_features
 
+    @property
+    def native_favor(self) -> bool:
+        """Bidirectional kernel attention may run this map in the native kernel (`efficient_transformers.native`)."""
+        return not self.hyperbolic
+
     def projection(self, x: Tensor) -> Tensor:
         """The part of log phi(x) that varies across features: omega x' (and -omega x'). (..., N, m)"""
         if not self.hyperbolic:

@@ -1,0 +1,425 @@
+// Fused bidirectional FAVOR+ (Performer, positive features) for CPU: the computation of
+// `core.kernel_attention._BidirectionalKernelAttention` with the FAVOR+ map, one head at a time.
+//
+// Why native: the Python form runs every elementwise step (row max, exp(P - max), key weights,
+// normalisers, their gradients) as a separate pass over 1024-row segments of all heads; here each
+// row of a segment is handled once while it is in cache, right after the matrix product that made
+// it, and a row's argmax comes with its max (the epsilon term's gradient goes to that one feature,
+// no one-hot pass). The matrix products are the same ones, through ATen (`at::mm_out`), on the
+// same strided views (no copy of q, k, v or of the heads-last gradient buffers).
+//
+// Notation (per batch item b and head h; see kernel_attention.py for the derivation):
+//   P = x omega'^T (n, m), M = max_f P, E = exp(P - M), phi = E + eps (the eps term is folded into
+//   rank-one corrections of the (m, d + 1) products);
+//   keys: g = M - |k|^2 / (2 sqrt d) (-inf for padding), weight w = exp(g - R) with R the max of g
+//   over the real keys, V1 = [v w, w], kv = sum_j phi_j V1_j^T (m, d + 1);
+//   queries: out1 = phi_q kv = E kv + eps colsum(kv), normaliser = out1[:, d], out = out1[:, :d] / normaliser.
+// Stabilisers (M, R) are constants of the gradient: the output is exactly invariant to them.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+
+namespace {
+
+using at::Tensor;
+constexpr int64_t kRowGrain = 32;  // rows per task of at::parallel_for
+
+template <typename T>
+T negative_infinity() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// sum_c a_c b_c over n numbers
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc);
+  T lanes[V::size()];
+  acc.store(lanes);
+  T total = 0;
+  for (int i = 0; i < V::size(); ++i) total += lanes[i];
+  for (; c < n; ++c) total += a[c] * b[c];
+  return total;
+}
+
+// The row's largest value and the first feature holding it.
+template <typename T>
+inline void row_max(const T* x, int64_t m, T& best, int64_t& arg) {
+  using V = at::vec::Vectorized<T>;
+  V peak(negative_infinity<T>());
+  int64_t f = 0;
+  for (; f + V::size() <= m; f += V::size()) peak = at::vec::maximum(peak, V::loadu(x + f));
+  T lanes[V::size()];
+  peak.store(lanes);
+  best = negative_infinity<T>();
+  for (int i = 0; i < V::size(); ++i) best = std::max(best, lanes[i]);
+  for (; f < m; ++f) best = std::max(best, x[f]);
+  arg = 0;  // the first feature equal to the max, a vector at a time
+  const V target(best);
+  int64_t g = 0;
+  for (; g + V::size() <= m; g += V::size()) {
+    const int zeros = (V::loadu(x + g) - target).zero_mask();  // bit i set where lane i equals the max
+    if (zeros) {
+      arg = g + __builtin_ctz(zeros);
+      return;
+    }
+  }
+  for (; g < m; ++g) {
+    if (x[g] == best) {
+      arg = g;
+      return;
+    }
+  }
+}
+
+// Prefetch the rows [j + kAhead] of a strided (rows, n) view: rows far apart defeat the hardware prefetcher.
+constexpr int64_t kAhead = 4;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  for (int64_t c = 0; c < n; c += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + c);
+}
+
+// x <- exp(x - shift), in place
+template <typename T>
+inline void exp_shifted(T* x, int64_t m, T shift) {
+  using V = at::vec::Vectorized<T>;
+  const V s(shift);
+  int64_t f = 0;
+  for (; f + V::size() <= m; f += V::size()) (V::loadu(x + f) - s).exp().store(x + f);
+  if (f < m) (V::loadu(x + f, m - f) - s).exp().store(x + f, m - f);
+}
+
+// grad <- grad * e, then grad[arg] += extra (the epsilon term follows the row's max)
+template <typename T>
+inline void through_exp(T* grad, const T* e, int64_t m, int64_t arg, T extra) {
+  using V = at::vec::Vectorized<T>;
+  int64_t f = 0;
+  for (; f + V::size() <= m; f += V::size()) (V::loadu(grad + f) * V::loadu(e + f)).store(grad + f);
+  for (; f < m; ++f) grad[f] *= e[f];
+  grad[arg] += extra;
+}
+
+// exp(a - b) for a <= b, with -inf meaning "nothing" (-> 0, never NaN)
+template <typename T>
+inline T decay(T a, T b) {
+  return a == negative_infinity<T>() ? T(0) : std::exp(a - b);
+}
+
+struct Geometry {
+  int64_t B, H, N, d, m, segment;
+};
+
+Geometry geometry(const Tensor& q, const Tensor& omega, int64_t segment) {
+  TORCH_CHECK(q.dim() == 4, "favor: q must be (B, H, N, d)");
+  TORCH_CHECK(omega.dim() == 2 && omega.size(1) == q.size(3), "favor: omega must be (m, d)");
+  TORCH_CHECK(segment > 0, "favor: segment must be positive");
+  return {q.size(0), q.size(1), q.size(2), q.size(3), omega.size(0), std::min(segment, q.size(2))};
+}
+
+// Key segment [s, s + n) of head (b, h): P <- E (in place); unless `recompute`, per row its max, argmax
+// and log-scale g = max + log_norm (`log_scale` holds the log-norms on entry; -inf for padding).
+template <typename T>
+void key_rows(const Tensor& P, const bool* mask, T* key_max, int64_t* key_arg, T* log_scale, bool recompute) {
+  const int64_t n = P.size(0), m = P.size(1);
+  T* p = P.data_ptr<T>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T* row = p + j * m;
+      if (!recompute) {
+        row_max(row, m, key_max[j], key_arg[j]);
+        log_scale[j] = (mask && !mask[j]) ? negative_infinity<T>() : key_max[j] + log_scale[j];
+      }
+      exp_shifted(row, m, key_max[j]);
+    }
+  });
+}
+
+// log_norm(k_j) = -|k_j|^2 / (2 sqrt d) for the rows of a strided (n, d) view, into `log_norm`.
+template <typename T>
+void key_log_norms(const Tensor& keys, T norm_scale, T* log_norm) {
+  const int64_t n = keys.size(0), d = keys.size(1), stride = keys.stride(0);
+  const T* k = keys.data_ptr<T>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end) prefetch_row(k + (j + kAhead) * stride, d);
+      const T* kj = k + j * stride;
+      log_norm[j] = -dot(kj, kj, d) * norm_scale;
+    }
+  });
+}
+
+// V1 rows [v_j w_j, w_j] with w_j = exp(g_j - ref); returns nothing, writes V1 (n, d + 1) and weights.
+template <typename T>
+void weighted_values(const Tensor& V1, const Tensor& values, const T* log_scale, T ref, T* weights) {
+  const int64_t n = V1.size(0), d = values.size(1);
+  T* out = V1.data_ptr<T>();
+  const T* v = values.data_ptr<T>();
+  const int64_t v_stride = values.stride(0);
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T w = decay(log_scale[j], ref);
+      weights[j] = w;
+      T* row = out + j * (d + 1);
+      const T* vj = v + j * v_stride;
+      if (j + kAhead < end) prefetch_row(v + (j + kAhead) * v_stride, d);
+      for (int64_t c = 0; c < d; ++c) row[c] = vj[c] * w;
+      row[d] = w;
+    }
+  });
+}
+
+template <typename T>
+void column_sums(const T* x, int64_t rows, int64_t cols, T* sums) {
+  std::fill(sums, sums + cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) sums[c] += x[r * cols + c];
+}
+
+template <typename T>
+void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
+                  const Tensor& omega, T eps, int64_t segment_size, const Tensor& out, const Tensor& normaliser,
+                  const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
+                  const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale) {
+  const Geometry g = geometry(q, omega, segment_size);
+  const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
+  const T norm_scale = T(0.5) / std::sqrt(T(d));
+  const Tensor omega_t = omega.t();  // (d, m)
+  auto options = q.options();
+  Tensor P = at::empty({S, m}, options), V1 = at::empty({S, d + 1}, options);
+  Tensor summary = at::empty({m, d + 1}, options), out1 = at::empty({S, d + 1}, options);
+  Tensor weights = at::empty({S}, options);
+  std::vector<T> value_sums(d + 1), kv_sums(d + 1);
+  const bool* mask_all = key_mask ? key_mask->data_ptr<bool>() : nullptr;
+  for (int64_t b = 0; b < g.B; ++b) {
+    const bool* mask = mask_all ? mask_all + b * N : nullptr;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
+      const Tensor kvh = kv.select(0, b).select(0, h);  // (m, d + 1), contiguous
+      T* kvp = kvh.data_ptr<T>();
+      const int64_t row0 = (b * g.H + h) * N;  // offset of this head in the (B, H, N) tensors
+      T* kmax = key_max.data_ptr<T>() + row0;
+      int64_t* karg = key_arg.data_ptr<int64_t>() + row0;
+      T* klog = key_log_scale.data_ptr<T>() + row0;
+      std::fill(kvp, kvp + m * (d + 1), T(0));
+      T ref = negative_infinity<T>();
+      for (int64_t s = 0; s < N; s += S) {
+        const int64_t n = std::min(S, N - s);
+        Tensor Ps = P.narrow(0, 0, n), V1s = V1.narrow(0, 0, n);
+        key_log_norms<T>(kh.narrow(0, s, n), norm_scale, klog + s);  // first: brings the rows into cache
+        at::mm_out(Ps, kh.narrow(0, s, n), omega_t);  // (n, m)
+        key_rows<T>(Ps, mask ? mask + s : nullptr, kmax + s, karg + s, klog + s, false);
+        T segment_ref = negative_infinity<T>();
+        for (int64_t j = 0; j < n; ++j) segment_ref = std::max(segment_ref, klog[s + j]);
+        if (segment_ref == negative_infinity<T>()) continue;  // only padding: nothing to add
+        weighted_values<T>(V1s, vh.narrow(0, s, n), klog + s, segment_ref, weights.data_ptr<T>());
+        column_sums(V1s.data_ptr<T>(), n, d + 1, value_sums.data());
+        at::mm_out(summary, Ps.t(), V1s);  // (m, d + 1): E^T V1
+        const T new_ref = std::max(ref, segment_ref);
+        const T keep = decay(ref, new_ref), add = decay(segment_ref, new_ref);
+        const T* sp = summary.data_ptr<T>();
+        for (int64_t f = 0; f < m; ++f)
+          for (int64_t c = 0; c <= d; ++c)
+            kvp[f * (d + 1) + c] = kvp[f * (d + 1) + c] * keep + (sp[f * (d + 1) + c] + eps * value_sums[c]) * add;
+        ref = new_ref;
+      }
+      log_ref.data_ptr<T>()[b * g.H + h] = ref;
+      column_sums(kvp, m, d + 1, kv_sums.data());
+      for (auto& x : kv_sums) x *= eps;  // the eps term of every query feature: eps colsum(kv)
+      T* qmax = query_max.data_ptr<T>() + row0;
+      int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
+      T* norm = normaliser.data_ptr<T>() + row0;
+      const Tensor outh = out.select(0, b).select(0, h);  // (N, d), any row stride
+      T* outp = outh.data_ptr<T>();
+      const int64_t out_stride = outh.stride(0);
+      for (int64_t s = 0; s < N; s += S) {
+        const int64_t n = std::min(S, N - s);
+        Tensor Ps = P.narrow(0, 0, n), O1 = out1.narrow(0, 0, n);
+        at::mm_out(Ps, qh.narrow(0, s, n), omega_t);
+        T* p = Ps.data_ptr<T>();
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            row_max(p + i * m, m, qmax[s + i], qarg[s + i]);
+            exp_shifted(p + i * m, m, qmax[s + i]);
+          }
+        });
+        at::mm_out(O1, Ps, kvh);  // (n, d + 1)
+        const T* o = O1.data_ptr<T>();
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const T* oi = o + i * (d + 1);
+            const T z = oi[d] + kv_sums[d];
+            norm[s + i] = z;
+            T* target = outp + (s + i) * out_stride;
+            const T inverse = z > 0 ? T(1) / z : T(0);  // no key: zeros
+            for (int64_t c = 0; c < d; ++c) target[c] = z > 0 ? (oi[c] + kv_sums[c]) * inverse : T(0);
+          }
+        });
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& omega, T eps, int64_t segment_size, const Tensor& out, const Tensor& normaliser,
+                   const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
+                   const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Tensor& grad_out,
+                   const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v) {
+  const Geometry g = geometry(q, omega, segment_size);
+  const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
+  const T norm_grad_scale = T(-1) / std::sqrt(T(d));  // d log_norm / d x = -x / sqrt(d)
+  const Tensor omega_t = omega.t();
+  auto options = q.options();
+  Tensor P = at::empty({S, m}, options), grad_phi = at::empty({S, m}, options);
+  Tensor rows1 = at::empty({S, d + 1}, options), products1 = at::empty({S, d + 1}, options);
+  Tensor grad_kv = at::empty({m, d + 1}, options), weights = at::empty({S}, options);
+  std::vector<T> kv_sums(d + 1), grad_sums(d + 1), grad_kv_sums(d + 1), row_grad_sum(S), row_grad_norm(S);
+  for (int64_t b = 0; b < g.B; ++b) {  // padding needs no mask here: its saved log-scale is -inf (weight 0)
+    for (int64_t h = 0; h < g.H; ++h) {
+      const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
+      const Tensor kvh = kv.select(0, b).select(0, h);
+      const Tensor outh = out.select(0, b).select(0, h), gouth = grad_out.select(0, b).select(0, h);
+      const Tensor gqh = grad_q.select(0, b).select(0, h), gkh = grad_k.select(0, b).select(0, h);
+      const Tensor gvh = grad_v.select(0, b).select(0, h);
+      const int64_t row0 = (b * g.H + h) * N;
+      column_sums(kvh.data_ptr<T>(), m, d + 1, kv_sums.data());  // sum_f kv_f (the eps term's direction)
+      std::fill(grad_sums.begin(), grad_sums.end(), T(0));
+      grad_kv.zero_();
+      // queries: grad_out1 = d loss / d out1, then d loss / d kv and d loss / d q
+      const T* qmax = query_max.data_ptr<T>() + row0;
+      const int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
+      const T* norm = normaliser.data_ptr<T>() + row0;
+      for (int64_t s = 0; s < N; s += S) {
+        const int64_t n = std::min(S, N - s);
+        Tensor Ps = P.narrow(0, 0, n), G1 = rows1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
+        at::mm_out(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
+        T* p = Ps.data_ptr<T>();
+        T* g1 = G1.data_ptr<T>();
+        const T* outp = outh.data_ptr<T>() + s * outh.stride(0);
+        const T* gop = gouth.data_ptr<T>() + s * gouth.stride(0);
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            exp_shifted(p + i * m, m, qmax[s + i]);  // with the forward's max
+            const T z = norm[s + i];
+            T* row = g1 + i * (d + 1);
+            const T* go = gop + i * gouth.stride(0);
+            if (i + kAhead < end) {
+              prefetch_row(gop + (i + kAhead) * gouth.stride(0), d);
+              prefetch_row(outp + (i + kAhead) * outh.stride(0), d);
+            }
+            if (z > 0) {
+              const T inverse = T(1) / z;
+              for (int64_t c = 0; c < d; ++c) row[c] = go[c] * inverse;
+              row[d] = -dot(row, outp + i * outh.stride(0), d);
+            } else {
+              std::fill(row, row + d + 1, T(0));
+            }
+          }
+        });
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t c = 0; c <= d; ++c) grad_sums[c] += g1[i * (d + 1) + c];
+        grad_kv.addmm_(Ps.t(), G1);  // += E^T grad_out1
+        at::mm_out(GP, G1, kvh.t());  // (n, m): d loss / d phi
+        T* gp = GP.data_ptr<T>();
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const T grad_sum = dot(g1 + i * (d + 1), kv_sums.data(), d + 1);  // sum_f d loss / d phi_f
+            through_exp(gp + i * m, p + i * m, m, qarg[s + i], eps * grad_sum);
+          }
+        });
+        Tensor target = gqh.narrow(0, s, n);
+        at::mm_out(target, GP, omega);  // (n, d), into the heads-last buffer
+      }
+      T* gkv = grad_kv.data_ptr<T>();
+      for (int64_t f = 0; f < m; ++f)
+        for (int64_t c = 0; c <= d; ++c) gkv[f * (d + 1) + c] += eps * grad_sums[c];
+      column_sums(gkv, m, d + 1, grad_kv_sums.data());
+      // keys: d loss / d v and d loss / d k from d loss / d kv
+      const T ref = log_ref.data_ptr<T>()[b * g.H + h];
+      T* kmax = key_max.data_ptr<T>() + row0;
+      int64_t* karg = key_arg.data_ptr<int64_t>() + row0;
+      T* klog = key_log_scale.data_ptr<T>() + row0;
+      for (int64_t s = 0; s < N; s += S) {
+        const int64_t n = std::min(S, N - s);
+        Tensor Ps = P.narrow(0, 0, n), V1 = rows1.narrow(0, 0, n), PG = products1.narrow(0, 0, n);
+        Tensor GP = grad_phi.narrow(0, 0, n);
+        at::mm_out(Ps, kh.narrow(0, s, n), omega_t);
+        key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
+        weighted_values<T>(V1, vh.narrow(0, s, n), klog + s, ref, weights.data_ptr<T>());
+        at::mm_out(PG, Ps, grad_kv);  // (n, d + 1): E grad_kv
+        T* pg = PG.data_ptr<T>();
+        const T* v1 = V1.data_ptr<T>();
+        const T* w = weights.data_ptr<T>();
+        T* gvp = gvh.data_ptr<T>() + s * gvh.stride(0);
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j) {
+            T* row = pg + j * (d + 1);
+            for (int64_t c = 0; c <= d; ++c) row[c] += eps * grad_kv_sums[c];
+            T* gv = gvp + j * gvh.stride(0);
+            for (int64_t c = 0; c < d; ++c) gv[c] = row[c] * w[j];
+            row_grad_sum[j] = dot(v1 + j * (d + 1), grad_kv_sums.data(), d + 1);
+            row_grad_norm[j] = dot(v1 + j * (d + 1), row, d + 1);  // sum_f d loss / d phi_f phi_f
+          }
+        });
+        at::mm_out(GP, V1, grad_kv.t());  // (n, m)
+        T* gp = GP.data_ptr<T>();
+        const T* p = Ps.data_ptr<T>();
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j) through_exp(gp + j * m, p + j * m, m, karg[s + j], eps * row_grad_sum[j]);
+        });
+        Tensor target = gkh.narrow(0, s, n);
+        at::mm_out(target, GP, omega);
+        T* gk = target.data_ptr<T>();
+        const T* kp = kh.data_ptr<T>() + s * kh.stride(0);
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j) {
+            const T scale = row_grad_norm[j] * norm_grad_scale;
+            T* row = gk + j * target.stride(0);
+            const T* kj = kp + j * kh.stride(0);
+            if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * kh.stride(0), d);
+            for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
+          }
+        });
+      }
+    }
+  }
+}
+
+void favor_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
+                   const Tensor& omega, double eps, int64_t segment, const Tensor& out, const Tensor& normaliser,
+                   const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
+                   const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale) {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_forward", [&] {
+    forward_impl<scalar_t>(q, k, v, key_mask, omega, static_cast<scalar_t>(eps), segment, out, normaliser, kv, log_ref,
+                           query_max, query_arg, key_max, key_arg, key_log_scale);
+  });
+}
+
+void favor_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& omega, double eps, int64_t segment, const Tensor& out, const Tensor& normaliser,
+                    const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
+                    const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Tensor& grad_out,
+                    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v) {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_backward", [&] {
+    backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), segment, out, normaliser, kv, log_ref,
+                            query_max, query_arg, key_max, key_arg, key_log_scale, grad_out, grad_q, grad_k, grad_v);
+  });
+}
+
+}  // namespace
+
+// CPU kernels (not catch-all ones): a dispatch mode sees each call as one op, not the products inside it
+TORCH_LIBRARY(efficient_transformers, m) {
+  m.def("favor_forward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(favor_forward)));
+  m.def("favor_backward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(favor_backward)));
+}
