@@ -51,10 +51,19 @@ def padding(batch, n):
     return mask
 
 
-def run(q, k, v, feature_map, mask, segment):
-    out, _ = kernel_attention(q, k, v, feature_map, key_mask=mask, segment_size=segment)
+def run(q, k, v, feature_map, mask, segment, causal=False, chunk=4, state=None):
+    """Outputs and input gradients (and, causal: the final state and the incoming state's gradient)."""
+    out, final = kernel_attention(q, k, v, feature_map, key_mask=mask, segment_size=segment, causal=causal,
+                                  chunk_size=chunk, state=state)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
-    return (out, *torch.autograd.grad((out * weights).sum(), (q, k, v)))
+    loss = (out * weights).sum()
+    inputs = [q, k, v]
+    if causal:
+        loss = loss + (final.kv * torch.linspace(-1, 1, final.kv.numel(), dtype=out.dtype).view_as(final.kv)).sum()
+        if state is not None:
+            inputs.append(state.kv)
+    grads = torch.autograd.grad(loss, inputs)
+    return (out, *grads) + ((final.kv.detach(), final.ref) if causal else ())
 
 
 def test_the_build_succeeds_where_a_compiler_exists():
@@ -64,26 +73,33 @@ def test_the_build_succeeds_where_a_compiler_exists():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("m,segment", [(20, 16), (35, 1024), (64, 7)])  # vector tails; several / one / odd segments
 @pytest.mark.parametrize("masked", [False, True])
-def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, m, segment, masked):
+@pytest.mark.parametrize("causal", [False, True])
+def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, m, segment, masked, causal):
+    """Bidirectional, and causal with chunks of 4 (segments rounded to a multiple: 16, 1024, 4; 50 tokens
+    leave a partial last chunk), its final state and a loss on it."""
     torch.manual_seed(0)
     feature_map = PositiveRandomFeatures(8, m, orthogonal=True).to(dtype)
     q, k, v = inputs(dtype)
     mask = padding(3, 50) if masked else None
     seen = OpNames()
     with seen:
-        fast = run(q, k, v, feature_map, mask, segment)
-    assert native_ops(seen.names) == {"efficient_transformers::favor_forward", "efficient_transformers::favor_backward"}
+        fast = run(q, k, v, feature_map, mask, segment, causal)
+    prefix = "efficient_transformers::favor_causal_" if causal else "efficient_transformers::favor_"
+    assert native_ops(seen.names) == {prefix + "forward", prefix + "backward"}
     with native.portable():
         seen = OpNames()
         with seen:
-            slow = run(q, k, v, feature_map, mask, segment)
+            slow = run(q, k, v, feature_map, mask, segment, causal)
         assert not native_ops(seen.names)
+    if causal:  # the final reference: -inf for the all-padded item, exactly the same maxima otherwise
+        torch.testing.assert_close(fast[-1], slow[-1], atol=0, rtol=1e-6)
+        fast, slow = fast[:-1], slow[:-1]
     for got, expected in zip(fast, slow):
         scale = expected.abs().max()
         torch.testing.assert_close(got / scale, expected / scale, atol=tol, rtol=0)
     if masked:
         assert torch.equal(fast[0][-1], torch.zeros_like(fast[0][-1])), "an all-padded item gives zeros"
-        assert torch.equal(fast[2][:, :, ~mask[0]][0], torch.zeros_like(fast[2][:, :, ~mask[0]][0])), \
+        assert torch.equal(fast[2][0][:, ~mask[0]], torch.zeros_like(fast[2][0][:, ~mask[0]])), \
             "padded keys get no gradient"
 
 
@@ -105,6 +121,24 @@ def test_large_inputs_and_tied_row_maxima_stay_finite():
     torch.testing.assert_close(fast[0], slow[0], atol=1e-5 * slow[0].abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_native_causal_state_continuation_and_its_gradient(dtype, tol):
+    """Decoding from a carried state (relative to its reference): the native scan equals the portable one,
+    including the gradient that flows into the incoming state."""
+    feature_map = PositiveRandomFeatures(8, 24, orthogonal=True).to(dtype)
+    q, k, v = inputs(dtype, n=30)
+    with torch.no_grad():
+        _, state = kernel_attention(*(t[:, :, :11] for t in (q, k, v)), feature_map, causal=True, chunk_size=4)
+    results = []
+    for portable in (False, True):
+        start = type(state)(state.kv.clone().requires_grad_(), state.ref.clone(), state.length)
+        with native.portable() if portable else torch.enable_grad():
+            results.append(run(*(t[:, :, 11:] for t in (q, k, v)), feature_map, None, 8, True, 4, start))
+    for got, expected in zip(*results):
+        scale = expected.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(got / scale, expected / scale, atol=tol, rtol=0)
+
+
 def test_threads_do_not_change_the_result_beyond_rounding():
     feature_map = PositiveRandomFeatures(8, 40, orthogonal=True).double()
     q, k, v = inputs(torch.float64, n=300)
@@ -122,7 +156,8 @@ def test_threads_do_not_change_the_result_beyond_rounding():
 
 def test_the_performer_layer_runs_native_only_where_it_applies():
     x = torch.randn(2, 40, 32)
-    cases = {("positive", False): True, ("hyperbolic", False): False, ("relu", False): False, ("positive", True): False}
+    cases = {("positive", False): True, ("positive", True): True, ("hyperbolic", False): False,
+             ("hyperbolic", True): False, ("relu", False): False}
     for (features, causal), expected in cases.items():
         layer = et.build_attention("performer", dim=32, heads=2, causal=causal, nb_features=16, features=features)
         seen = OpNames()

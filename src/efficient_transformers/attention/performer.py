@@ -35,10 +35,10 @@ FAVOR+ feature; 1e-3 for ReLU), which keeps normalisers away from 0 and gradient
 Memory: the backward pass recomputes the features one segment at a time (activation checkpointing),
 so m = 256 features cost no more memory than the N x d inputs.
 
-Speed: bidirectional FAVOR+ ("positive") on CPU runs a native kernel, compiled on first use
+Speed: FAVOR+ ("positive") on CPU runs native kernels, compiled on first use
 (`efficient_transformers.native`; about 30 s once, then cached): the same computation with each row's
-elementwise work fused, 15-20 % faster at 16K tokens, with SDPA's peak memory. "hyperbolic", "relu"
-and causal layers run the portable Python form.
+elementwise work fused, 15-25 % faster at 16K tokens (bidirectional and causal), at 1.02x (causal
+1.12x) SDPA's peak memory. "hyperbolic" and "relu" run the portable Python form.
 """
 
 from __future__ import annotations

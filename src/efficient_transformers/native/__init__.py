@@ -1,10 +1,11 @@
 """Native CPU kernels, built on first use with PyTorch's own extension builder (`torch.utils.cpp_extension`).
 
-One kernel so far: the bidirectional FAVOR+ attention of the Performer (`favor.cpp`), forward and
-backward, which `core.kernel_attention` uses for `PerformerAttention(features="positive")` on CPU in
-float32 and float64. It computes what the portable Python form computes (the same products, the same
-stabilisers, the same epsilon term; the tests compare the two in float64 and float32) and fuses each
-row's elementwise work into one pass right after the product that made it.
+The Performer's FAVOR+ attention, forward and backward: bidirectional (`favor.cpp`) and the chunked
+causal scan (`favor_causal.cpp`), sharing the row primitives of `rows.h`; `core.kernel_attention` uses
+them for `PerformerAttention(features="positive")` on CPU in float32 and float64. They compute what the
+portable Python forms compute (the same products, the same stabilisers, the same epsilon term; the
+tests compare the two in float64 and float32) and fuse each row's elementwise work into one pass
+right after the product that made it.
 
 **Build.** The first use in a fresh environment compiles `favor.cpp` (about 30 s on two cores; it needs
 a C++ compiler and `ninja`, a dependency of this package) into PyTorch's extension cache
@@ -30,7 +31,7 @@ from typing import Iterator
 import torch
 
 ENV_SWITCH = "EFT_NATIVE"
-_SOURCES = [Path(__file__).with_name("favor.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("favor.cpp", "favor_causal.cpp")]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"built": None, "error": None}
 _DISABLED = threading.local()

@@ -1,0 +1,176 @@
+// Row primitives shared by the native FAVOR+ kernels (favor.cpp: bidirectional, favor_causal.cpp:
+// causal): per-row max and argmax, exp(x - max) in place, the gradient through it and the epsilon
+// term, the keys' log-norms and weights, vectorised with ATen's `at::vec::Vectorized`.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+
+namespace eft_native {
+
+using at::Tensor;
+constexpr int64_t kRowGrain = 32;  // rows per task of at::parallel_for
+
+template <typename T>
+T negative_infinity() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// sum_c a_c b_c over n numbers
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) acc = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc);
+  T lanes[V::size()];
+  acc.store(lanes);
+  T total = 0;
+  for (int i = 0; i < V::size(); ++i) total += lanes[i];
+  for (; c < n; ++c) total += a[c] * b[c];
+  return total;
+}
+
+// The row's largest value and the first feature holding it.
+template <typename T>
+inline void row_max(const T* x, int64_t m, T& best, int64_t& arg) {
+  using V = at::vec::Vectorized<T>;
+  V peak(negative_infinity<T>());
+  int64_t f = 0;
+  for (; f + V::size() <= m; f += V::size()) peak = at::vec::maximum(peak, V::loadu(x + f));
+  T lanes[V::size()];
+  peak.store(lanes);
+  best = negative_infinity<T>();
+  for (int i = 0; i < V::size(); ++i) best = std::max(best, lanes[i]);
+  for (; f < m; ++f) best = std::max(best, x[f]);
+  arg = 0;  // the first feature equal to the max, a vector at a time
+  const V target(best);
+  int64_t g = 0;
+  for (; g + V::size() <= m; g += V::size()) {
+    const int zeros = (V::loadu(x + g) - target).zero_mask();  // bit i set where lane i equals the max
+    if (zeros) {
+      arg = g + __builtin_ctz(zeros);
+      return;
+    }
+  }
+  for (; g < m; ++g) {
+    if (x[g] == best) {
+      arg = g;
+      return;
+    }
+  }
+}
+
+// Prefetch the rows [j + kAhead] of a strided (rows, n) view: rows far apart defeat the hardware prefetcher.
+constexpr int64_t kAhead = 4;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  for (int64_t c = 0; c < n; c += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + c);
+}
+
+// x <- exp(x - shift), in place
+template <typename T>
+inline void exp_shifted(T* x, int64_t m, T shift) {
+  using V = at::vec::Vectorized<T>;
+  const V s(shift);
+  int64_t f = 0;
+  for (; f + V::size() <= m; f += V::size()) (V::loadu(x + f) - s).exp().store(x + f);
+  if (f < m) (V::loadu(x + f, m - f) - s).exp().store(x + f, m - f);
+}
+
+// grad <- grad * e, then grad[arg] += extra (the epsilon term follows the row's max)
+template <typename T>
+inline void through_exp(T* grad, const T* e, int64_t m, int64_t arg, T extra) {
+  using V = at::vec::Vectorized<T>;
+  int64_t f = 0;
+  for (; f + V::size() <= m; f += V::size()) (V::loadu(grad + f) * V::loadu(e + f)).store(grad + f);
+  for (; f < m; ++f) grad[f] *= e[f];
+  grad[arg] += extra;
+}
+
+// exp(a - b) for a <= b, with -inf meaning "nothing" (-> 0, never NaN)
+template <typename T>
+inline T decay(T a, T b) {
+  return a == negative_infinity<T>() ? T(0) : std::exp(a - b);
+}
+
+struct Geometry {
+  int64_t B, H, N, d, m, segment;
+};
+
+inline Geometry geometry(const Tensor& q, const Tensor& omega, int64_t segment) {
+  TORCH_CHECK(q.dim() == 4, "favor: q must be (B, H, N, d)");
+  TORCH_CHECK(omega.dim() == 2 && omega.size(1) == q.size(3), "favor: omega must be (m, d)");
+  TORCH_CHECK(segment > 0, "favor: segment must be positive");
+  return {q.size(0), q.size(1), q.size(2), q.size(3), omega.size(0), std::min(segment, q.size(2))};
+}
+
+// Key segment [s, s + n) of head (b, h): P <- E (in place); unless `recompute`, per row its max, argmax
+// and log-scale g = max + log_norm (`log_scale` holds the log-norms on entry; -inf for padding).
+template <typename T>
+void key_rows(const Tensor& P, const bool* mask, T* key_max, int64_t* key_arg, T* log_scale, bool recompute) {
+  const int64_t n = P.size(0), m = P.size(1);
+  T* p = P.data_ptr<T>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T* row = p + j * m;
+      if (!recompute) {
+        row_max(row, m, key_max[j], key_arg[j]);
+        log_scale[j] = (mask && !mask[j]) ? negative_infinity<T>() : key_max[j] + log_scale[j];
+      }
+      exp_shifted(row, m, key_max[j]);
+    }
+  });
+}
+
+// log_norm(k_j) = -|k_j|^2 / (2 sqrt d) for the rows of a strided (n, d) view, into `log_norm`.
+template <typename T>
+void key_log_norms(const Tensor& keys, T norm_scale, T* log_norm) {
+  const int64_t n = keys.size(0), d = keys.size(1), stride = keys.stride(0);
+  const T* k = keys.data_ptr<T>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kAhead < end) prefetch_row(k + (j + kAhead) * stride, d);
+      const T* kj = k + j * stride;
+      log_norm[j] = -dot(kj, kj, d) * norm_scale;
+    }
+  });
+}
+
+// V1 rows [v_j w_j, w_j] with w_j = exp(g_j - ref); returns nothing, writes V1 (n, d + 1) and weights.
+template <typename T>
+void weighted_values(const Tensor& V1, const Tensor& values, const T* log_scale, T ref, T* weights) {
+  const int64_t n = V1.size(0), d = values.size(1);
+  T* out = V1.data_ptr<T>();
+  const T* v = values.data_ptr<T>();
+  const int64_t v_stride = values.stride(0);
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const T w = decay(log_scale[j], ref);
+      weights[j] = w;
+      T* row = out + j * (d + 1);
+      const T* vj = v + j * v_stride;
+      if (j + kAhead < end) prefetch_row(v + (j + kAhead) * v_stride, d);
+      for (int64_t c = 0; c < d; ++c) row[c] = vj[c] * w;
+      row[d] = w;
+    }
+  });
+}
+
+template <typename T>
+void column_sums(const T* x, int64_t rows, int64_t cols, T* sums) {
+  std::fill(sums, sums + cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) sums[c] += x[r * cols + c];
+}
+
+}  // namespace eft_native
