@@ -36,78 +36,76 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   const T norm_scale = T(0.5) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();  // (d, m)
   auto options = q.options();
-  Tensor P = at::empty({S, m}, options), V1 = at::empty({S, d + 1}, options);
-  Tensor summary = at::empty({m, d + 1}, options), out1 = at::empty({S, d + 1}, options);
-  Tensor weights = at::empty({S}, options);
-  std::vector<T> value_sums(d + 1), kv_sums(d + 1);
   const bool* mask_all = key_mask ? key_mask->data_ptr<bool>() : nullptr;
-  for (int64_t b = 0; b < g.B; ++b) {
+  for_each_head(g.B, g.H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
+    Tensor P = at::empty({S, m}, options), V1 = at::empty({S, d + 1}, options);
+    Tensor summary = at::empty({m, d + 1}, options), out1 = at::empty({S, d + 1}, options);
+    Tensor weights = at::empty({S}, options);
+    std::vector<T> value_sums(d + 1), kv_sums(d + 1);
     const bool* mask = mask_all ? mask_all + b * N : nullptr;
-    for (int64_t h = 0; h < g.H; ++h) {
-      const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
-      const Tensor kvh = kv.select(0, b).select(0, h);  // (m, d + 1), contiguous
-      T* kvp = kvh.data_ptr<T>();
-      const int64_t row0 = (b * g.H + h) * N;  // offset of this head in the (B, H, N) tensors
-      T* kmax = key_max.data_ptr<T>() + row0;
-      int64_t* karg = key_arg.data_ptr<int64_t>() + row0;
-      T* klog = key_log_scale.data_ptr<T>() + row0;
-      std::fill(kvp, kvp + m * (d + 1), T(0));
-      T ref = negative_infinity<T>();
-      for (int64_t s = 0; s < N; s += S) {
-        const int64_t n = std::min(S, N - s);
-        Tensor Ps = P.narrow(0, 0, n), V1s = V1.narrow(0, 0, n);
-        key_log_norms<T>(kh.narrow(0, s, n), norm_scale, klog + s);  // first: brings the rows into cache
-        at::mm_out(Ps, kh.narrow(0, s, n), omega_t);  // (n, m)
-        key_rows<T>(Ps, mask ? mask + s : nullptr, kmax + s, karg + s, klog + s, false);
-        T segment_ref = negative_infinity<T>();
-        for (int64_t j = 0; j < n; ++j) segment_ref = std::max(segment_ref, klog[s + j]);
-        if (segment_ref == negative_infinity<T>()) continue;  // only padding: nothing to add
-        weighted_values<T>(V1s, vh.narrow(0, s, n), klog + s, segment_ref, weights.data_ptr<T>());
-        column_sums(V1s.data_ptr<T>(), n, d + 1, value_sums.data());
-        at::mm_out(summary, Ps.t(), V1s);  // (m, d + 1): E^T V1
-        const T new_ref = std::max(ref, segment_ref);
-        const T keep = decay(ref, new_ref), add = decay(segment_ref, new_ref);
-        const T* sp = summary.data_ptr<T>();
-        for (int64_t f = 0; f < m; ++f)
-          for (int64_t c = 0; c <= d; ++c)
-            kvp[f * (d + 1) + c] = kvp[f * (d + 1) + c] * keep + (sp[f * (d + 1) + c] + eps * value_sums[c]) * add;
-        ref = new_ref;
-      }
-      log_ref.data_ptr<T>()[b * g.H + h] = ref;
-      column_sums(kvp, m, d + 1, kv_sums.data());
-      for (auto& x : kv_sums) x *= eps;  // the eps term of every query feature: eps colsum(kv)
-      T* qmax = query_max.data_ptr<T>() + row0;
-      int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
-      T* norm = normaliser.data_ptr<T>() + row0;
-      const Tensor outh = out.select(0, b).select(0, h);  // (N, d), any row stride
-      T* outp = outh.data_ptr<T>();
-      const int64_t out_stride = outh.stride(0);
-      for (int64_t s = 0; s < N; s += S) {
-        const int64_t n = std::min(S, N - s);
-        Tensor Ps = P.narrow(0, 0, n), O1 = out1.narrow(0, 0, n);
-        at::mm_out(Ps, qh.narrow(0, s, n), omega_t);
-        T* p = Ps.data_ptr<T>();
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            row_max(p + i * m, m, qmax[s + i], qarg[s + i]);
-            exp_shifted(p + i * m, m, qmax[s + i]);
-          }
-        });
-        at::mm_out(O1, Ps, kvh);  // (n, d + 1)
-        const T* o = O1.data_ptr<T>();
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const T* oi = o + i * (d + 1);
-            const T z = oi[d] + kv_sums[d];
-            norm[s + i] = z;
-            T* target = outp + (s + i) * out_stride;
-            const T inverse = z > 0 ? T(1) / z : T(0);  // no key: zeros
-            for (int64_t c = 0; c < d; ++c) target[c] = z > 0 ? (oi[c] + kv_sums[c]) * inverse : T(0);
-          }
-        });
-      }
+    const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
+    const Tensor kvh = kv.select(0, b).select(0, h);  // (m, d + 1), contiguous
+    T* kvp = kvh.data_ptr<T>();
+    const int64_t row0 = (b * g.H + h) * N;  // offset of this head in the (B, H, N) tensors
+    T* kmax = key_max.data_ptr<T>() + row0;
+    int64_t* karg = key_arg.data_ptr<int64_t>() + row0;
+    T* klog = key_log_scale.data_ptr<T>() + row0;
+    std::fill(kvp, kvp + m * (d + 1), T(0));
+    T ref = negative_infinity<T>();
+    for (int64_t s = 0; s < N; s += S) {
+      const int64_t n = std::min(S, N - s);
+      Tensor Ps = P.narrow(0, 0, n), V1s = V1.narrow(0, 0, n);
+      key_log_norms<T>(kh.narrow(0, s, n), norm_scale, klog + s);  // first: brings the rows into cache
+      at::mm_out(Ps, kh.narrow(0, s, n), omega_t);  // (n, m)
+      key_rows<T>(Ps, mask ? mask + s : nullptr, kmax + s, karg + s, klog + s, false);
+      T segment_ref = negative_infinity<T>();
+      for (int64_t j = 0; j < n; ++j) segment_ref = std::max(segment_ref, klog[s + j]);
+      if (segment_ref == negative_infinity<T>()) continue;  // only padding: nothing to add
+      weighted_values<T>(V1s, vh.narrow(0, s, n), klog + s, segment_ref, weights.data_ptr<T>());
+      column_sums(V1s.data_ptr<T>(), n, d + 1, value_sums.data());
+      at::mm_out(summary, Ps.t(), V1s);  // (m, d + 1): E^T V1
+      const T new_ref = std::max(ref, segment_ref);
+      const T keep = decay(ref, new_ref), add = decay(segment_ref, new_ref);
+      const T* sp = summary.data_ptr<T>();
+      for (int64_t f = 0; f < m; ++f)
+        for (int64_t c = 0; c <= d; ++c)
+          kvp[f * (d + 1) + c] = kvp[f * (d + 1) + c] * keep + (sp[f * (d + 1) + c] + eps * value_sums[c]) * add;
+      ref = new_ref;
     }
-  }
+    log_ref.data_ptr<T>()[b * g.H + h] = ref;
+    column_sums(kvp, m, d + 1, kv_sums.data());
+    for (auto& x : kv_sums) x *= eps;  // the eps term of every query feature: eps colsum(kv)
+    T* qmax = query_max.data_ptr<T>() + row0;
+    int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
+    T* norm = normaliser.data_ptr<T>() + row0;
+    const Tensor outh = out.select(0, b).select(0, h);  // (N, d), any row stride
+    T* outp = outh.data_ptr<T>();
+    const int64_t out_stride = outh.stride(0);
+    for (int64_t s = 0; s < N; s += S) {
+      const int64_t n = std::min(S, N - s);
+      Tensor Ps = P.narrow(0, 0, n), O1 = out1.narrow(0, 0, n);
+      at::mm_out(Ps, qh.narrow(0, s, n), omega_t);
+      T* p = Ps.data_ptr<T>();
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          row_max(p + i * m, m, qmax[s + i], qarg[s + i]);
+          exp_shifted(p + i * m, m, qmax[s + i]);
+        }
+      });
+      at::mm_out(O1, Ps, kvh);  // (n, d + 1)
+      const T* o = O1.data_ptr<T>();
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const T* oi = o + i * (d + 1);
+          const T z = oi[d] + kv_sums[d];
+          norm[s + i] = z;
+          T* target = outp + (s + i) * out_stride;
+          const T inverse = z > 0 ? T(1) / z : T(0);  // no key: zeros
+          for (int64_t c = 0; c < d; ++c) target[c] = z > 0 ? (oi[c] + kv_sums[c]) * inverse : T(0);
+        }
+      });
+    }
+  });
 }
 
 template <typename T>
@@ -120,119 +118,117 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const T norm_grad_scale = T(-1) / std::sqrt(T(d));  // d log_norm / d x = -x / sqrt(d)
   const Tensor omega_t = omega.t();
   auto options = q.options();
-  Tensor P = at::empty({S, m}, options), grad_phi = at::empty({S, m}, options);
-  Tensor rows1 = at::empty({S, d + 1}, options), products1 = at::empty({S, d + 1}, options);
-  Tensor grad_kv = at::empty({m, d + 1}, options), weights = at::empty({S}, options);
-  std::vector<T> kv_sums(d + 1), grad_sums(d + 1), grad_kv_sums(d + 1), row_grad_sum(S), row_grad_norm(S);
-  for (int64_t b = 0; b < g.B; ++b) {  // padding needs no mask here: its saved log-scale is -inf (weight 0)
-    for (int64_t h = 0; h < g.H; ++h) {
-      const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
-      const Tensor kvh = kv.select(0, b).select(0, h);
-      const Tensor outh = out.select(0, b).select(0, h), gouth = grad_out.select(0, b).select(0, h);
-      const Tensor gqh = grad_q.select(0, b).select(0, h), gkh = grad_k.select(0, b).select(0, h);
-      const Tensor gvh = grad_v.select(0, b).select(0, h);
-      const int64_t row0 = (b * g.H + h) * N;
-      column_sums(kvh.data_ptr<T>(), m, d + 1, kv_sums.data());  // sum_f kv_f (the eps term's direction)
-      std::fill(grad_sums.begin(), grad_sums.end(), T(0));
-      grad_kv.zero_();
-      // queries: grad_out1 = d loss / d out1, then d loss / d kv and d loss / d q
-      const T* qmax = query_max.data_ptr<T>() + row0;
-      const int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
-      const T* norm = normaliser.data_ptr<T>() + row0;
-      for (int64_t s = 0; s < N; s += S) {
-        const int64_t n = std::min(S, N - s);
-        Tensor Ps = P.narrow(0, 0, n), G1 = rows1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
-        at::mm_out(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
-        T* p = Ps.data_ptr<T>();
-        T* g1 = G1.data_ptr<T>();
-        const T* outp = outh.data_ptr<T>() + s * outh.stride(0);
-        const T* gop = gouth.data_ptr<T>() + s * gouth.stride(0);
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            exp_shifted(p + i * m, m, qmax[s + i]);  // with the forward's max
-            const T z = norm[s + i];
-            T* row = g1 + i * (d + 1);
-            const T* go = gop + i * gouth.stride(0);
-            if (i + kAhead < end) {
-              prefetch_row(gop + (i + kAhead) * gouth.stride(0), d);
-              prefetch_row(outp + (i + kAhead) * outh.stride(0), d);
-            }
-            if (z > 0) {
-              const T inverse = T(1) / z;
-              for (int64_t c = 0; c < d; ++c) row[c] = go[c] * inverse;
-              row[d] = -dot(row, outp + i * outh.stride(0), d);
-            } else {
-              std::fill(row, row + d + 1, T(0));
-            }
+  for_each_head(g.B, g.H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
+    Tensor P = at::empty({S, m}, options), grad_phi = at::empty({S, m}, options);
+    Tensor rows1 = at::empty({S, d + 1}, options), products1 = at::empty({S, d + 1}, options);
+    Tensor grad_kv = at::empty({m, d + 1}, options), weights = at::empty({S}, options);
+    std::vector<T> kv_sums(d + 1), grad_sums(d + 1), grad_kv_sums(d + 1), row_grad_sum(S), row_grad_norm(S);
+    const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
+    const Tensor kvh = kv.select(0, b).select(0, h);
+    const Tensor outh = out.select(0, b).select(0, h), gouth = grad_out.select(0, b).select(0, h);
+    const Tensor gqh = grad_q.select(0, b).select(0, h), gkh = grad_k.select(0, b).select(0, h);
+    const Tensor gvh = grad_v.select(0, b).select(0, h);
+    const int64_t row0 = (b * g.H + h) * N;
+    column_sums(kvh.data_ptr<T>(), m, d + 1, kv_sums.data());  // sum_f kv_f (the eps term's direction)
+    std::fill(grad_sums.begin(), grad_sums.end(), T(0));
+    grad_kv.zero_();
+    // queries: grad_out1 = d loss / d out1, then d loss / d kv and d loss / d q
+    const T* qmax = query_max.data_ptr<T>() + row0;
+    const int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
+    const T* norm = normaliser.data_ptr<T>() + row0;
+    for (int64_t s = 0; s < N; s += S) {
+      const int64_t n = std::min(S, N - s);
+      Tensor Ps = P.narrow(0, 0, n), G1 = rows1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
+      at::mm_out(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
+      T* p = Ps.data_ptr<T>();
+      T* g1 = G1.data_ptr<T>();
+      const T* outp = outh.data_ptr<T>() + s * outh.stride(0);
+      const T* gop = gouth.data_ptr<T>() + s * gouth.stride(0);
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          exp_shifted(p + i * m, m, qmax[s + i]);  // with the forward's max
+          const T z = norm[s + i];
+          T* row = g1 + i * (d + 1);
+          const T* go = gop + i * gouth.stride(0);
+          if (i + kAhead < end) {
+            prefetch_row(gop + (i + kAhead) * gouth.stride(0), d);
+            prefetch_row(outp + (i + kAhead) * outh.stride(0), d);
           }
-        });
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t c = 0; c <= d; ++c) grad_sums[c] += g1[i * (d + 1) + c];
-        grad_kv.addmm_(Ps.t(), G1);  // += E^T grad_out1
-        at::mm_out(GP, G1, kvh.t());  // (n, m): d loss / d phi
-        T* gp = GP.data_ptr<T>();
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const T grad_sum = dot(g1 + i * (d + 1), kv_sums.data(), d + 1);  // sum_f d loss / d phi_f
-            through_exp(gp + i * m, p + i * m, m, qarg[s + i], eps * grad_sum);
+          if (z > 0) {
+            const T inverse = T(1) / z;
+            for (int64_t c = 0; c < d; ++c) row[c] = go[c] * inverse;
+            row[d] = -dot(row, outp + i * outh.stride(0), d);
+          } else {
+            std::fill(row, row + d + 1, T(0));
           }
-        });
-        Tensor target = gqh.narrow(0, s, n);
-        at::mm_out(target, GP, omega);  // (n, d), into the heads-last buffer
-      }
-      T* gkv = grad_kv.data_ptr<T>();
-      for (int64_t f = 0; f < m; ++f)
-        for (int64_t c = 0; c <= d; ++c) gkv[f * (d + 1) + c] += eps * grad_sums[c];
-      column_sums(gkv, m, d + 1, grad_kv_sums.data());
-      // keys: d loss / d v and d loss / d k from d loss / d kv
-      const T ref = log_ref.data_ptr<T>()[b * g.H + h];
-      T* kmax = key_max.data_ptr<T>() + row0;
-      int64_t* karg = key_arg.data_ptr<int64_t>() + row0;
-      T* klog = key_log_scale.data_ptr<T>() + row0;
-      for (int64_t s = 0; s < N; s += S) {
-        const int64_t n = std::min(S, N - s);
-        Tensor Ps = P.narrow(0, 0, n), V1 = rows1.narrow(0, 0, n), PG = products1.narrow(0, 0, n);
-        Tensor GP = grad_phi.narrow(0, 0, n);
-        at::mm_out(Ps, kh.narrow(0, s, n), omega_t);
-        key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
-        weighted_values<T>(V1, vh.narrow(0, s, n), klog + s, ref, weights.data_ptr<T>());
-        at::mm_out(PG, Ps, grad_kv);  // (n, d + 1): E grad_kv
-        T* pg = PG.data_ptr<T>();
-        const T* v1 = V1.data_ptr<T>();
-        const T* w = weights.data_ptr<T>();
-        T* gvp = gvh.data_ptr<T>() + s * gvh.stride(0);
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j) {
-            T* row = pg + j * (d + 1);
-            for (int64_t c = 0; c <= d; ++c) row[c] += eps * grad_kv_sums[c];
-            T* gv = gvp + j * gvh.stride(0);
-            for (int64_t c = 0; c < d; ++c) gv[c] = row[c] * w[j];
-            row_grad_sum[j] = dot(v1 + j * (d + 1), grad_kv_sums.data(), d + 1);
-            row_grad_norm[j] = dot(v1 + j * (d + 1), row, d + 1);  // sum_f d loss / d phi_f phi_f
-          }
-        });
-        at::mm_out(GP, V1, grad_kv.t());  // (n, m)
-        T* gp = GP.data_ptr<T>();
-        const T* p = Ps.data_ptr<T>();
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j) through_exp(gp + j * m, p + j * m, m, karg[s + j], eps * row_grad_sum[j]);
-        });
-        Tensor target = gkh.narrow(0, s, n);
-        at::mm_out(target, GP, omega);
-        T* gk = target.data_ptr<T>();
-        const T* kp = kh.data_ptr<T>() + s * kh.stride(0);
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j) {
-            const T scale = row_grad_norm[j] * norm_grad_scale;
-            T* row = gk + j * target.stride(0);
-            const T* kj = kp + j * kh.stride(0);
-            if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * kh.stride(0), d);
-            for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
-          }
-        });
-      }
+        }
+      });
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c <= d; ++c) grad_sums[c] += g1[i * (d + 1) + c];
+      grad_kv.addmm_(Ps.t(), G1);  // += E^T grad_out1
+      at::mm_out(GP, G1, kvh.t());  // (n, m): d loss / d phi
+      T* gp = GP.data_ptr<T>();
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const T grad_sum = dot(g1 + i * (d + 1), kv_sums.data(), d + 1);  // sum_f d loss / d phi_f
+          through_exp(gp + i * m, p + i * m, m, qarg[s + i], eps * grad_sum);
+        }
+      });
+      Tensor target = gqh.narrow(0, s, n);
+      at::mm_out(target, GP, omega);  // (n, d), into the heads-last buffer
     }
-  }
+    T* gkv = grad_kv.data_ptr<T>();
+    for (int64_t f = 0; f < m; ++f)
+      for (int64_t c = 0; c <= d; ++c) gkv[f * (d + 1) + c] += eps * grad_sums[c];
+    column_sums(gkv, m, d + 1, grad_kv_sums.data());
+    // keys: d loss / d v and d loss / d k from d loss / d kv
+    const T ref = log_ref.data_ptr<T>()[b * g.H + h];
+    T* kmax = key_max.data_ptr<T>() + row0;
+    int64_t* karg = key_arg.data_ptr<int64_t>() + row0;
+    T* klog = key_log_scale.data_ptr<T>() + row0;
+    for (int64_t s = 0; s < N; s += S) {
+      const int64_t n = std::min(S, N - s);
+      Tensor Ps = P.narrow(0, 0, n), V1 = rows1.narrow(0, 0, n), PG = products1.narrow(0, 0, n);
+      Tensor GP = grad_phi.narrow(0, 0, n);
+      at::mm_out(Ps, kh.narrow(0, s, n), omega_t);
+      key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
+      weighted_values<T>(V1, vh.narrow(0, s, n), klog + s, ref, weights.data_ptr<T>());
+      at::mm_out(PG, Ps, grad_kv);  // (n, d + 1): E grad_kv
+      T* pg = PG.data_ptr<T>();
+      const T* v1 = V1.data_ptr<T>();
+      const T* w = weights.data_ptr<T>();
+      T* gvp = gvh.data_ptr<T>() + s * gvh.stride(0);
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          T* row = pg + j * (d + 1);
+          for (int64_t c = 0; c <= d; ++c) row[c] += eps * grad_kv_sums[c];
+          T* gv = gvp + j * gvh.stride(0);
+          for (int64_t c = 0; c < d; ++c) gv[c] = row[c] * w[j];
+          row_grad_sum[j] = dot(v1 + j * (d + 1), grad_kv_sums.data(), d + 1);
+          row_grad_norm[j] = dot(v1 + j * (d + 1), row, d + 1);  // sum_f d loss / d phi_f phi_f
+        }
+      });
+      at::mm_out(GP, V1, grad_kv.t());  // (n, m)
+      T* gp = GP.data_ptr<T>();
+      const T* p = Ps.data_ptr<T>();
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) through_exp(gp + j * m, p + j * m, m, karg[s + j], eps * row_grad_sum[j]);
+      });
+      Tensor target = gkh.narrow(0, s, n);
+      at::mm_out(target, GP, omega);
+      T* gk = target.data_ptr<T>();
+      const T* kp = kh.data_ptr<T>() + s * kh.stride(0);
+      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          const T scale = row_grad_norm[j] * norm_grad_scale;
+          T* row = gk + j * target.stride(0);
+          const T* kj = kp + j * kh.stride(0);
+          if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * kh.stride(0), d);
+          for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
+        }
+      });
+    }
+  });
 }
 
 void favor_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,

@@ -198,51 +198,49 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1);
   const T norm_scale = T(0.5) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();
-  Segment<T> w(S, C, m, d, q.options());
   const bool* mask_all = key_mask ? key_mask->data_ptr<bool>() : nullptr;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
-      const Tensor outh = out.select(0, b).select(0, h);
-      const int64_t head = b * H + h, row0 = head * N;
-      std::vector<T> state(kv_in.data_ptr<T>() + head * width, kv_in.data_ptr<T>() + (head + 1) * width);
-      T ref = ref_in.data_ptr<T>()[head];
-      for (int64_t si = 0; si < segments; ++si) {
-        const int64_t s0 = si * S, L = std::min(S, N - s0), nc = (L + C - 1) / C;
-        std::copy(state.begin(), state.end(), entry_kv.data_ptr<T>() + (head * segments + si) * width);
-        entry_ref.data_ptr<T>()[head * segments + si] = ref;
-        std::vector<T> next(width);
-        const T next_ref = segment_pieces<T>(
-            w, qh, kh, vh, mask_all ? mask_all + b * N + s0 : nullptr, s0, L, omega_t, eps, norm_scale, state.data(),
-            ref, next.data(), query_max.data_ptr<T>() + row0 + s0, query_arg.data_ptr<int64_t>() + row0 + s0,
-            key_max.data_ptr<T>() + row0 + s0, key_arg.data_ptr<int64_t>() + row0 + s0,
-            key_log_scale.data_ptr<T>() + row0 + s0, false);
-        Tensor inter = w.chunks(w.inter, nc), out1 = w.chunks(w.out1, nc);
-        at::bmm_out(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc));  // (nc, C, d + 1): phi_q S_c
-        at::bmm_out(out1, w.scores.narrow(0, 0, nc), w.chunks(w.V1, nc));  // within the chunks
-        const T* ip = w.inter.template data_ptr<T>();
-        const T* op = w.out1.template data_ptr<T>();
-        T* norm = normaliser.data_ptr<T>() + row0 + s0;
-        T* target = outh.data_ptr<T>() + s0 * outh.stride(0);
-        at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const T* oi = op + i * (d + 1);
-            const T* ii = ip + i * (d + 1);
-            const T scale = w.row_scale[i];
-            const T z = oi[d] + scale * ii[d];
-            norm[i] = z;
-            T* row = target + i * outh.stride(0);
-            const T inverse = z > 0 ? T(1) / z : T(0);  // no key yet: zeros
-            for (int64_t c = 0; c < d; ++c) row[c] = (oi[c] + scale * ii[c]) * inverse;
-          }
-        });
-        state.swap(next);
-        ref = next_ref;
-      }
-      std::copy(state.begin(), state.end(), kv_out.data_ptr<T>() + head * width);
-      ref_out.data_ptr<T>()[head] = ref;
+  for_each_head(B, H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
+    Segment<T> w(S, C, m, d, q.options());
+    const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
+    const Tensor outh = out.select(0, b).select(0, h);
+    const int64_t head = b * H + h, row0 = head * N;
+    std::vector<T> state(kv_in.data_ptr<T>() + head * width, kv_in.data_ptr<T>() + (head + 1) * width);
+    T ref = ref_in.data_ptr<T>()[head];
+    for (int64_t si = 0; si < segments; ++si) {
+      const int64_t s0 = si * S, L = std::min(S, N - s0), nc = (L + C - 1) / C;
+      std::copy(state.begin(), state.end(), entry_kv.data_ptr<T>() + (head * segments + si) * width);
+      entry_ref.data_ptr<T>()[head * segments + si] = ref;
+      std::vector<T> next(width);
+      const T next_ref = segment_pieces<T>(
+          w, qh, kh, vh, mask_all ? mask_all + b * N + s0 : nullptr, s0, L, omega_t, eps, norm_scale, state.data(),
+          ref, next.data(), query_max.data_ptr<T>() + row0 + s0, query_arg.data_ptr<int64_t>() + row0 + s0,
+          key_max.data_ptr<T>() + row0 + s0, key_arg.data_ptr<int64_t>() + row0 + s0,
+          key_log_scale.data_ptr<T>() + row0 + s0, false);
+      Tensor inter = w.chunks(w.inter, nc), out1 = w.chunks(w.out1, nc);
+      at::bmm_out(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc));  // (nc, C, d + 1): phi_q S_c
+      at::bmm_out(out1, w.scores.narrow(0, 0, nc), w.chunks(w.V1, nc));  // within the chunks
+      const T* ip = w.inter.template data_ptr<T>();
+      const T* op = w.out1.template data_ptr<T>();
+      T* norm = normaliser.data_ptr<T>() + row0 + s0;
+      T* target = outh.data_ptr<T>() + s0 * outh.stride(0);
+      at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const T* oi = op + i * (d + 1);
+          const T* ii = ip + i * (d + 1);
+          const T scale = w.row_scale[i];
+          const T z = oi[d] + scale * ii[d];
+          norm[i] = z;
+          T* row = target + i * outh.stride(0);
+          const T inverse = z > 0 ? T(1) / z : T(0);  // no key yet: zeros
+          for (int64_t c = 0; c < d; ++c) row[c] = (oi[c] + scale * ii[c]) * inverse;
+        }
+      });
+      state.swap(next);
+      ref = next_ref;
     }
-  }
+    std::copy(state.begin(), state.end(), kv_out.data_ptr<T>() + head * width);
+    ref_out.data_ptr<T>()[head] = ref;
+  });
 }
 
 template <typename T>
@@ -257,119 +255,117 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
   const T norm_scale = T(0.5) / std::sqrt(T(d)), norm_grad_scale = T(-1) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();
   auto o = q.options();
-  Segment<T> w(S, C, m, d, o);
-  Tensor G1 = at::empty({S, d + 1}, o), scaled = at::empty({S, d + 1}, o), GV1 = at::empty({S, d + 1}, o);
-  Tensor through = at::empty({S, d + 1}, o);
-  Tensor GPq = at::empty({S, m}, o), GPk = at::empty({S, m}, o);
-  Tensor grad_states = at::empty({nc_max, m, d + 1}, o), grad_summaries = at::empty({nc_max, m, d + 1}, o);
-  Tensor grad_scores = at::empty({nc_max, C, C}, o);
-  std::vector<T> exit_state(width), grad_norm(S);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
-      const Tensor outh = out.select(0, b).select(0, h), gouth = grad_out.select(0, b).select(0, h);
-      const Tensor gqh = grad_q.select(0, b).select(0, h), gkh = grad_k.select(0, b).select(0, h);
-      const Tensor gvh = grad_v.select(0, b).select(0, h);
-      const int64_t head = b * H + h, row0 = head * N;
-      std::vector<T> grad_state(grad_kv_out.data_ptr<T>() + head * width, grad_kv_out.data_ptr<T>() + (head + 1) * width);
-      for (int64_t si = segments - 1; si >= 0; --si) {
-        const int64_t s0 = si * S, L = std::min(S, N - s0), nc = (L + C - 1) / C, Lp = nc * C;
-        const T* qmax = query_max.data_ptr<T>() + row0 + s0;
-        const int64_t* qarg = query_arg.data_ptr<int64_t>() + row0 + s0;
-        const T* kmax = key_max.data_ptr<T>() + row0 + s0;
-        const int64_t* karg = key_arg.data_ptr<int64_t>() + row0 + s0;
-        T* klog = key_log_scale.data_ptr<T>() + row0 + s0;
-        segment_pieces<T>(w, qh, kh, vh, nullptr, s0, L, omega_t, eps, norm_scale,
-                          entry_kv.data_ptr<T>() + (head * segments + si) * width,
-                          entry_ref.data_ptr<T>()[head * segments + si], exit_state.data(), const_cast<T*>(qmax),
-                          const_cast<int64_t*>(qarg), const_cast<T*>(kmax), const_cast<int64_t*>(karg), klog, true);
-        // d loss / d out1 (padded rows: zeros) and its row-scaled copy
-        T* g1 = G1.data_ptr<T>();
-        T* sc = scaled.data_ptr<T>();
-        const T* norm = normaliser.data_ptr<T>() + row0 + s0;
-        const T* outp = outh.data_ptr<T>() + s0 * outh.stride(0);
-        const T* gop = gouth.data_ptr<T>() + s0 * gouth.stride(0);
-        at::parallel_for(0, Lp, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            T* row = g1 + i * (d + 1);
-            T* srow = sc + i * (d + 1);
-            const T z = i < L ? norm[i] : T(0);
-            if (z > 0) {
-              const T inverse = T(1) / z;
-              const T* go = gop + i * gouth.stride(0);
-              for (int64_t c = 0; c < d; ++c) row[c] = go[c] * inverse;
-              row[d] = -dot(row, outp + i * outh.stride(0), d);
-            } else {
-              std::fill(row, row + d + 1, T(0));
-            }
-            const T rs = w.row_scale[i];
-            for (int64_t c = 0; c <= d; ++c) srow[c] = row[c] * rs;
+  for_each_head(B, H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
+    Segment<T> w(S, C, m, d, o);
+    Tensor G1 = at::empty({S, d + 1}, o), scaled = at::empty({S, d + 1}, o), GV1 = at::empty({S, d + 1}, o);
+    Tensor through = at::empty({S, d + 1}, o);
+    Tensor GPq = at::empty({S, m}, o), GPk = at::empty({S, m}, o);
+    Tensor grad_states = at::empty({nc_max, m, d + 1}, o), grad_summaries = at::empty({nc_max, m, d + 1}, o);
+    Tensor grad_scores = at::empty({nc_max, C, C}, o);
+    std::vector<T> exit_state(width), grad_norm(S);
+    const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
+    const Tensor outh = out.select(0, b).select(0, h), gouth = grad_out.select(0, b).select(0, h);
+    const Tensor gqh = grad_q.select(0, b).select(0, h), gkh = grad_k.select(0, b).select(0, h);
+    const Tensor gvh = grad_v.select(0, b).select(0, h);
+    const int64_t head = b * H + h, row0 = head * N;
+    std::vector<T> grad_state(grad_kv_out.data_ptr<T>() + head * width, grad_kv_out.data_ptr<T>() + (head + 1) * width);
+    for (int64_t si = segments - 1; si >= 0; --si) {
+      const int64_t s0 = si * S, L = std::min(S, N - s0), nc = (L + C - 1) / C, Lp = nc * C;
+      const T* qmax = query_max.data_ptr<T>() + row0 + s0;
+      const int64_t* qarg = query_arg.data_ptr<int64_t>() + row0 + s0;
+      const T* kmax = key_max.data_ptr<T>() + row0 + s0;
+      const int64_t* karg = key_arg.data_ptr<int64_t>() + row0 + s0;
+      T* klog = key_log_scale.data_ptr<T>() + row0 + s0;
+      segment_pieces<T>(w, qh, kh, vh, nullptr, s0, L, omega_t, eps, norm_scale,
+                        entry_kv.data_ptr<T>() + (head * segments + si) * width,
+                        entry_ref.data_ptr<T>()[head * segments + si], exit_state.data(), const_cast<T*>(qmax),
+                        const_cast<int64_t*>(qarg), const_cast<T*>(kmax), const_cast<int64_t*>(karg), klog, true);
+      // d loss / d out1 (padded rows: zeros) and its row-scaled copy
+      T* g1 = G1.data_ptr<T>();
+      T* sc = scaled.data_ptr<T>();
+      const T* norm = normaliser.data_ptr<T>() + row0 + s0;
+      const T* outp = outh.data_ptr<T>() + s0 * outh.stride(0);
+      const T* gop = gouth.data_ptr<T>() + s0 * gouth.stride(0);
+      at::parallel_for(0, Lp, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T* row = g1 + i * (d + 1);
+          T* srow = sc + i * (d + 1);
+          const T z = i < L ? norm[i] : T(0);
+          if (z > 0) {
+            const T inverse = T(1) / z;
+            const T* go = gop + i * gouth.stride(0);
+            for (int64_t c = 0; c < d; ++c) row[c] = go[c] * inverse;
+            row[d] = -dot(row, outp + i * outh.stride(0), d);
+          } else {
+            std::fill(row, row + d + 1, T(0));
           }
-        });
-        Tensor G1c = w.chunks(G1, nc), scaledc = w.chunks(scaled, nc);
-        Tensor PHqc = w.chunks(w.PHq, nc), PHkc = w.chunks(w.PHk, nc);
-        Tensor GPqc = w.chunks(GPq, nc), GPkc = w.chunks(GPk, nc), GV1c = w.chunks(GV1, nc);
-        Tensor states = w.states.narrow(0, 0, nc), gstates = grad_states.narrow(0, 0, nc);
-        Tensor gsumm = grad_summaries.narrow(0, 0, nc), gscores = grad_scores.narrow(0, 0, nc);
-        // inter-chunk
-        at::bmm_out(GPqc, scaledc, states.transpose(1, 2));  // (nc, C, m)
-        at::bmm_out(gstates, PHqc.transpose(1, 2), scaledc);  // (nc, m, d + 1)
-        // intra-chunk: d loss / d scores, weighted like the scores
-        at::bmm_out(gscores, G1c, w.chunks(w.V1, nc).transpose(1, 2));  // (nc, C, C)
-        gscores.mul_(w.within.narrow(0, 0, nc));
-        GPqc.baddbmm_(gscores, PHkc);
-        at::bmm_out(GPkc, gscores.transpose(1, 2), PHqc);  // (nc, C, m)
-        at::bmm_out(GV1c, w.scores.narrow(0, 0, nc).transpose(1, 2), G1c);  // (nc, C, d + 1)
-        // through the carried states: the adjoint recurrence
-        {
-          const T* gst = gstates.data_ptr<T>();
-          T* gsu = gsumm.data_ptr<T>();
-          for (int64_t c = nc - 1; c >= 0; --c) {
-            std::copy(grad_state.begin(), grad_state.end(), gsu + c * width);  // d loss / d T_c = d loss / d S_c+1
-            const T a = w.decay[c];
-            const T* direct = gst + c * width;
-            for (int64_t x = 0; x < width; ++x) grad_state[x] = direct[x] + a * grad_state[x];
-          }
+          const T rs = w.row_scale[i];
+          for (int64_t c = 0; c <= d; ++c) srow[c] = row[c] * rs;
         }
-        GPkc.baddbmm_(w.chunks(w.V1w, nc), gsumm.transpose(1, 2));
-        Tensor throughc = w.chunks(through, nc);
-        at::bmm_out(throughc, PHkc, gsumm);  // (nc, C, d + 1), times the key weights below
-        // through the feature maps, and d loss / d v
-        T* gpq = GPq.data_ptr<T>();
-        T* gpk = GPk.data_ptr<T>();
-        const T* eq = w.Eq.template data_ptr<T>();
-        const T* ek = w.Ek.template data_ptr<T>();
-        const T* gv1 = GV1.data_ptr<T>();
-        const T* thr = through.data_ptr<T>();
-        T* gvp = gvh.data_ptr<T>() + s0 * gvh.stride(0);
-        at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            through_exp_sums(gpq + i * m, eq + i * m, m, qarg[i], eps);
-            const auto sums = through_exp_sums(gpk + i * m, ek + i * m, m, karg[i], eps);
-            grad_norm[i] = sums.second + eps * sums.first;  // sum_f d loss / d phi_f phi_f
-            T* gv = gvp + i * gvh.stride(0);
-            const bool padded = klog[i] == negative_infinity<T>();
-            const T kw = w.key_weights[i];
-            for (int64_t c = 0; c < d; ++c) gv[c] = padded ? T(0) : gv1[i * (d + 1) + c] + thr[i * (d + 1) + c] * kw;
-          }
-        });
-        Tensor gq_target = gqh.narrow(0, s0, L), gk_target = gkh.narrow(0, s0, L);
-        at::mm_out(gq_target, GPq.narrow(0, 0, L), omega);  // (L, d), into the heads-last buffers
-        at::mm_out(gk_target, GPk.narrow(0, 0, L), omega);
-        T* gk = gk_target.data_ptr<T>();
-        const T* kp = kh.data_ptr<T>() + s0 * kh.stride(0);
-        at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j) {
-            const T scale = grad_norm[j] * norm_grad_scale;
-            T* row = gk + j * gk_target.stride(0);
-            const T* kj = kp + j * kh.stride(0);
-            for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
-          }
-        });
+      });
+      Tensor G1c = w.chunks(G1, nc), scaledc = w.chunks(scaled, nc);
+      Tensor PHqc = w.chunks(w.PHq, nc), PHkc = w.chunks(w.PHk, nc);
+      Tensor GPqc = w.chunks(GPq, nc), GPkc = w.chunks(GPk, nc), GV1c = w.chunks(GV1, nc);
+      Tensor states = w.states.narrow(0, 0, nc), gstates = grad_states.narrow(0, 0, nc);
+      Tensor gsumm = grad_summaries.narrow(0, 0, nc), gscores = grad_scores.narrow(0, 0, nc);
+      // inter-chunk
+      at::bmm_out(GPqc, scaledc, states.transpose(1, 2));  // (nc, C, m)
+      at::bmm_out(gstates, PHqc.transpose(1, 2), scaledc);  // (nc, m, d + 1)
+      // intra-chunk: d loss / d scores, weighted like the scores
+      at::bmm_out(gscores, G1c, w.chunks(w.V1, nc).transpose(1, 2));  // (nc, C, C)
+      gscores.mul_(w.within.narrow(0, 0, nc));
+      GPqc.baddbmm_(gscores, PHkc);
+      at::bmm_out(GPkc, gscores.transpose(1, 2), PHqc);  // (nc, C, m)
+      at::bmm_out(GV1c, w.scores.narrow(0, 0, nc).transpose(1, 2), G1c);  // (nc, C, d + 1)
+      // through the carried states: the adjoint recurrence
+      {
+        const T* gst = gstates.data_ptr<T>();
+        T* gsu = gsumm.data_ptr<T>();
+        for (int64_t c = nc - 1; c >= 0; --c) {
+          std::copy(grad_state.begin(), grad_state.end(), gsu + c * width);  // d loss / d T_c = d loss / d S_c+1
+          const T a = w.decay[c];
+          const T* direct = gst + c * width;
+          for (int64_t x = 0; x < width; ++x) grad_state[x] = direct[x] + a * grad_state[x];
+        }
       }
-      std::copy(grad_state.begin(), grad_state.end(), grad_kv_in.data_ptr<T>() + head * width);
+      GPkc.baddbmm_(w.chunks(w.V1w, nc), gsumm.transpose(1, 2));
+      Tensor throughc = w.chunks(through, nc);
+      at::bmm_out(throughc, PHkc, gsumm);  // (nc, C, d + 1), times the key weights below
+      // through the feature maps, and d loss / d v
+      T* gpq = GPq.data_ptr<T>();
+      T* gpk = GPk.data_ptr<T>();
+      const T* eq = w.Eq.template data_ptr<T>();
+      const T* ek = w.Ek.template data_ptr<T>();
+      const T* gv1 = GV1.data_ptr<T>();
+      const T* thr = through.data_ptr<T>();
+      T* gvp = gvh.data_ptr<T>() + s0 * gvh.stride(0);
+      at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          through_exp_sums(gpq + i * m, eq + i * m, m, qarg[i], eps);
+          const auto sums = through_exp_sums(gpk + i * m, ek + i * m, m, karg[i], eps);
+          grad_norm[i] = sums.second + eps * sums.first;  // sum_f d loss / d phi_f phi_f
+          T* gv = gvp + i * gvh.stride(0);
+          const bool padded = klog[i] == negative_infinity<T>();
+          const T kw = w.key_weights[i];
+          for (int64_t c = 0; c < d; ++c) gv[c] = padded ? T(0) : gv1[i * (d + 1) + c] + thr[i * (d + 1) + c] * kw;
+        }
+      });
+      Tensor gq_target = gqh.narrow(0, s0, L), gk_target = gkh.narrow(0, s0, L);
+      at::mm_out(gq_target, GPq.narrow(0, 0, L), omega);  // (L, d), into the heads-last buffers
+      at::mm_out(gk_target, GPk.narrow(0, 0, L), omega);
+      T* gk = gk_target.data_ptr<T>();
+      const T* kp = kh.data_ptr<T>() + s0 * kh.stride(0);
+      at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          const T scale = grad_norm[j] * norm_grad_scale;
+          T* row = gk + j * gk_target.stride(0);
+          const T* kj = kp + j * kh.stride(0);
+          for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
+        }
+      });
     }
-  }
+    std::copy(grad_state.begin(), grad_state.end(), grad_kv_in.data_ptr<T>() + head * width);
+  });
 }
 
 void favor_causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,

@@ -103,6 +103,20 @@ inline T decay(T a, T b) {
   return a == negative_infinity<T>() ? T(0) : std::exp(a - b);
 }
 
+// f(b, h) for every head: in parallel over heads (one thread each, their products and row loops serial)
+// when there are at least as many heads as threads, else one head at a time with the parallelism inside
+template <typename F>
+void for_each_head(int64_t B, int64_t H, const F& f) {
+  const int64_t heads = B * H, threads = at::get_num_threads();
+  if (threads > 1 && heads >= threads) {
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i / H, i % H);
+    });
+  } else {
+    for (int64_t i = 0; i < heads; ++i) f(i / H, i % H);
+  }
+}
+
 struct Geometry {
   int64_t B, H, N, d, m, segment;
 };
