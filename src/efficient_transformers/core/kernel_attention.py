@@ -429,7 +429,7 @@ class _NativeFavorAttention(torch.autograd.Function):
         B, H, n, d = v.shape
         omega = feature_map.scaled_omega(q.dtype)  # (m, d)
         out, normaliser = heads_last(v, n), v.new_empty(B, H, n)
-        kv, log_ref = v.new_empty(B, H, omega.shape[0], d + 1), v.new_empty(B, H)
+        kv, log_ref = v.new_empty(B, H, d + 1, omega.shape[0]), v.new_empty(B, H)  # kv transposed (the kernel's layout)
         query_max, key_max, key_log_scale = (v.new_empty(B, H, n) for _ in range(3))
         query_arg, key_arg = (torch.empty(B, H, n, dtype=torch.int64) for _ in range(2))
         mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()
@@ -506,21 +506,22 @@ class _NativeCausalFavor(torch.autograd.Function):
         segment = min(segment_size, -(-n // chunk_size) * chunk_size)  # as the kernel caps it
         segments = -(-n // segment)
         out, normaliser = heads_last(v, n), v.new_empty(B, H, n)
-        entry_kv = v.new_empty(B, H, segments, *kv_in.shape[-2:])  # the state entering each segment
+        m = omega.shape[0]
+        entry_kv = v.new_empty(B, H, segments, d + 1, m)  # the state entering each segment, transposed
         entry_ref = v.new_empty(B, H, segments)
-        kv_out, ref_out = torch.empty_like(kv_in, memory_format=torch.contiguous_format), v.new_empty(B, H)
+        kv_out, ref_out = v.new_empty(B, H, d + 1, m), v.new_empty(B, H)  # states: the kernel's (d + 1, m) layout
         query_max, key_max, key_log_scale = (v.new_empty(B, H, n) for _ in range(3))
         query_arg, key_arg = (torch.empty(B, H, n, dtype=torch.int64) for _ in range(2))
         mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()
         saved = (out, normaliser, entry_kv, entry_ref)
         rows = (query_max, query_arg, key_max, key_arg, key_log_scale)
         torch.ops.efficient_transformers.favor_causal_forward(
-            q, k, v, mask, kv_in.contiguous(), ref_in.contiguous(), omega, feature_map.epsilon, chunk_size, segment_size,
-            *saved, kv_out, ref_out, *rows)
+            q, k, v, mask, kv_in.transpose(-1, -2).contiguous(), ref_in.contiguous(), omega, feature_map.epsilon,
+            chunk_size, segment_size, *saved, kv_out, ref_out, *rows)
         ctx.save_for_backward(q, k, v, omega, *saved, *rows)  # padding is in the keys' log-scales (-inf)
         ctx.epsilon, ctx.chunk_size, ctx.segment_size = feature_map.epsilon, chunk_size, segment_size
         ctx.mark_non_differentiable(ref_out)
-        return out, kv_out, ref_out
+        return out, kv_out.transpose(-1, -2), ref_out  # the state as (B, H, m, d + 1), a view
 
     @staticmethod
     @once_differentiable
@@ -529,14 +530,15 @@ class _NativeCausalFavor(torch.autograd.Function):
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         B, H, n, d = v.shape
-        grad_kv_out = (q.new_zeros(B, H, omega.shape[0], d + 1) if grad_kv_out is None
-                       else grad_kv_out.contiguous())
+        grad_kv_out = (q.new_zeros(B, H, d + 1, omega.shape[0]) if grad_kv_out is None
+                       else grad_kv_out.transpose(-1, -2).contiguous())  # (B, H, d + 1, m)
         grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         grad_kv_in = torch.empty_like(grad_kv_out)
         torch.ops.efficient_transformers.favor_causal_backward(
             q, k, v, omega, ctx.epsilon, ctx.chunk_size, ctx.segment_size, *saved, grad_out, grad_kv_out,
             grad_q, grad_k, grad_v, grad_kv_in)
-        return grad_q, grad_k, grad_v, None, grad_kv_in if ctx.needs_input_grad[4] else None, None, None, None, None
+        grad_kv_in = grad_kv_in.transpose(-1, -2) if ctx.needs_input_grad[4] else None  # (B, H, m, d + 1)
+        return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
 
 
 @dataclass

@@ -22,6 +22,8 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <numeric>
+
 namespace {
 
 using namespace eft_native;
@@ -39,12 +41,12 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   const bool* mask_all = key_mask ? key_mask->data_ptr<bool>() : nullptr;
   for_each_head(g.B, g.H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
     Tensor P = at::empty({S, m}, options), V1 = at::empty({S, d + 1}, options);
-    Tensor summary = at::empty({m, d + 1}, options), out1 = at::empty({S, d + 1}, options);
+    Tensor summary = at::empty({d + 1, m}, options), out1 = at::empty({S, d + 1}, options);
     Tensor weights = at::empty({S}, options);
     std::vector<T> value_sums(d + 1), kv_sums(d + 1);
     const bool* mask = mask_all ? mask_all + b * N : nullptr;
     const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
-    const Tensor kvh = kv.select(0, b).select(0, h);  // (m, d + 1), contiguous
+    const Tensor kvh = kv.select(0, b).select(0, h);  // (d + 1, m), contiguous: kv transposed
     T* kvp = kvh.data_ptr<T>();
     const int64_t row0 = (b * g.H + h) * N;  // offset of this head in the (B, H, N) tensors
     T* kmax = key_max.data_ptr<T>() + row0;
@@ -63,18 +65,17 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
       if (segment_ref == negative_infinity<T>()) continue;  // only padding: nothing to add
       weighted_values<T>(V1s, vh.narrow(0, s, n), klog + s, segment_ref, weights.data_ptr<T>());
       column_sums(V1s.data_ptr<T>(), n, d + 1, value_sums.data());
-      at::mm_out(summary, Ps.t(), V1s);  // (m, d + 1): E^T V1
+      at::mm_out(summary, V1s.t(), Ps);  // (d + 1, m): (E^T V1)^T, the faster layout of this product
       const T new_ref = std::max(ref, segment_ref);
       const T keep = decay(ref, new_ref), add = decay(segment_ref, new_ref);
       const T* sp = summary.data_ptr<T>();
-      for (int64_t f = 0; f < m; ++f)
-        for (int64_t c = 0; c <= d; ++c)
-          kvp[f * (d + 1) + c] = kvp[f * (d + 1) + c] * keep + (sp[f * (d + 1) + c] + eps * value_sums[c]) * add;
+      for (int64_t c = 0; c <= d; ++c)
+        for (int64_t f = 0; f < m; ++f) kvp[c * m + f] = kvp[c * m + f] * keep + (sp[c * m + f] + eps * value_sums[c]) * add;
       ref = new_ref;
     }
     log_ref.data_ptr<T>()[b * g.H + h] = ref;
-    column_sums(kvp, m, d + 1, kv_sums.data());
-    for (auto& x : kv_sums) x *= eps;  // the eps term of every query feature: eps colsum(kv)
+    for (int64_t c = 0; c <= d; ++c) kv_sums[c] = eps * std::accumulate(kvp + c * m, kvp + (c + 1) * m, T(0));
+    // (the eps term of every query feature: eps sum_f kv_f)
     T* qmax = query_max.data_ptr<T>() + row0;
     int64_t* qarg = query_arg.data_ptr<int64_t>() + row0;
     T* norm = normaliser.data_ptr<T>() + row0;
@@ -92,7 +93,7 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
           exp_shifted(p + i * m, m, qmax[s + i]);
         }
       });
-      at::mm_out(O1, Ps, kvh);  // (n, d + 1)
+      at::mm_out(O1, Ps, kvh.t());  // (n, d + 1)
       const T* o = O1.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -121,7 +122,7 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   for_each_head(g.B, g.H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
     Tensor P = at::empty({S, m}, options), grad_phi = at::empty({S, m}, options);
     Tensor rows1 = at::empty({S, d + 1}, options), products1 = at::empty({S, d + 1}, options);
-    Tensor grad_kv = at::empty({m, d + 1}, options), weights = at::empty({S}, options);
+    Tensor grad_kv = at::empty({d + 1, m}, options), weights = at::empty({S}, options);  // transposed, as kv
     std::vector<T> kv_sums(d + 1), grad_sums(d + 1), grad_kv_sums(d + 1), row_grad_sum(S), row_grad_norm(S);
     const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
     const Tensor kvh = kv.select(0, b).select(0, h);
@@ -129,7 +130,8 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     const Tensor gqh = grad_q.select(0, b).select(0, h), gkh = grad_k.select(0, b).select(0, h);
     const Tensor gvh = grad_v.select(0, b).select(0, h);
     const int64_t row0 = (b * g.H + h) * N;
-    column_sums(kvh.data_ptr<T>(), m, d + 1, kv_sums.data());  // sum_f kv_f (the eps term's direction)
+    const T* kvp = kvh.data_ptr<T>();
+    for (int64_t c = 0; c <= d; ++c) kv_sums[c] = std::accumulate(kvp + c * m, kvp + (c + 1) * m, T(0));  // sum_f kv_f
     std::fill(grad_sums.begin(), grad_sums.end(), T(0));
     grad_kv.zero_();
     // queries: grad_out1 = d loss / d out1, then d loss / d kv and d loss / d q
@@ -165,8 +167,8 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       });
       for (int64_t i = 0; i < n; ++i)
         for (int64_t c = 0; c <= d; ++c) grad_sums[c] += g1[i * (d + 1) + c];
-      grad_kv.addmm_(Ps.t(), G1);  // += E^T grad_out1
-      at::mm_out(GP, G1, kvh.t());  // (n, m): d loss / d phi
+      grad_kv.addmm_(G1.t(), Ps);  // += (E^T grad_out1)^T
+      at::mm_out(GP, G1, kvh);  // (n, m): d loss / d phi
       T* gp = GP.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -178,9 +180,10 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       at::mm_out(target, GP, omega);  // (n, d), into the heads-last buffer
     }
     T* gkv = grad_kv.data_ptr<T>();
-    for (int64_t f = 0; f < m; ++f)
-      for (int64_t c = 0; c <= d; ++c) gkv[f * (d + 1) + c] += eps * grad_sums[c];
-    column_sums(gkv, m, d + 1, grad_kv_sums.data());
+    for (int64_t c = 0; c <= d; ++c) {
+      for (int64_t f = 0; f < m; ++f) gkv[c * m + f] += eps * grad_sums[c];
+      grad_kv_sums[c] = std::accumulate(gkv + c * m, gkv + (c + 1) * m, T(0));
+    }
     // keys: d loss / d v and d loss / d k from d loss / d kv
     const T ref = log_ref.data_ptr<T>()[b * g.H + h];
     T* kmax = key_max.data_ptr<T>() + row0;
@@ -193,7 +196,7 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       at::mm_out(Ps, kh.narrow(0, s, n), omega_t);
       key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
       weighted_values<T>(V1, vh.narrow(0, s, n), klog + s, ref, weights.data_ptr<T>());
-      at::mm_out(PG, Ps, grad_kv);  // (n, d + 1): E grad_kv
+      at::mm_out(PG, Ps, grad_kv.t());  // (n, d + 1): E grad_kv
       T* pg = PG.data_ptr<T>();
       const T* v1 = V1.data_ptr<T>();
       const T* w = weights.data_ptr<T>();
@@ -208,7 +211,7 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
           row_grad_norm[j] = dot(v1 + j * (d + 1), row, d + 1);  // sum_f d loss / d phi_f phi_f
         }
       });
-      at::mm_out(GP, V1, grad_kv.t());  // (n, m)
+      at::mm_out(GP, V1, grad_kv);  // (n, m)
       T* gp = GP.data_ptr<T>();
       const T* p = Ps.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {

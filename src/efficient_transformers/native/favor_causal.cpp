@@ -81,8 +81,8 @@ struct Segment {  // one head's scratch for a segment of up to S rows (nc_max ch
     const int64_t nc = S / C;
     for (Tensor* t : {&Eq, &PHq, &Ek, &PHk}) *t = at::empty({S, m}, o);
     for (Tensor* t : {&V1, &V1w, &out1, &inter}) *t = at::empty({S, d + 1}, o);
-    summaries = at::empty({nc, m, d + 1}, o);
-    states = at::empty({nc, m, d + 1}, o);
+    summaries = at::empty({nc, d + 1, m}, o);  // states and summaries transposed: the faster product layouts
+    states = at::empty({nc, d + 1, m}, o);
     scores = at::empty({nc, C, C}, o);
     within = at::empty({nc, C, C}, o);
     running.resize(S), key_weights.resize(S), row_scale.resize(S);
@@ -153,7 +153,7 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
   }
   // chunk summaries T_c and the states entering each chunk
   Tensor summaries = w.summaries.narrow(0, 0, nc), states = w.states.narrow(0, 0, nc);
-  at::bmm_out(summaries, w.chunks(w.PHk, nc).transpose(1, 2), w.chunks(w.V1w, nc));  // (nc, m, d + 1)
+  at::bmm_out(summaries, w.chunks(w.V1w, nc).transpose(1, 2), w.chunks(w.PHk, nc));  // (nc, d + 1, m): T_c^T
   const T* tp = summaries.data_ptr<T>();
   T* sp = states.data_ptr<T>();
   std::copy(S_in, S_in + width, sp);
@@ -217,7 +217,7 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
           key_max.data_ptr<T>() + row0 + s0, key_arg.data_ptr<int64_t>() + row0 + s0,
           key_log_scale.data_ptr<T>() + row0 + s0, false);
       Tensor inter = w.chunks(w.inter, nc), out1 = w.chunks(w.out1, nc);
-      at::bmm_out(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc));  // (nc, C, d + 1): phi_q S_c
+      at::bmm_out(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc).transpose(1, 2));  // (nc, C, d + 1): phi_q S_c
       at::bmm_out(out1, w.scores.narrow(0, 0, nc), w.chunks(w.V1, nc));  // within the chunks
       const T* ip = w.inter.template data_ptr<T>();
       const T* op = w.out1.template data_ptr<T>();
@@ -260,7 +260,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
     Tensor G1 = at::empty({S, d + 1}, o), scaled = at::empty({S, d + 1}, o), GV1 = at::empty({S, d + 1}, o);
     Tensor through = at::empty({S, d + 1}, o);
     Tensor GPq = at::empty({S, m}, o), GPk = at::empty({S, m}, o);
-    Tensor grad_states = at::empty({nc_max, m, d + 1}, o), grad_summaries = at::empty({nc_max, m, d + 1}, o);
+    Tensor grad_states = at::empty({nc_max, d + 1, m}, o), grad_summaries = at::empty({nc_max, d + 1, m}, o);
     Tensor grad_scores = at::empty({nc_max, C, C}, o);
     std::vector<T> exit_state(width), grad_norm(S);
     const Tensor qh = q.select(0, b).select(0, h), kh = k.select(0, b).select(0, h), vh = v.select(0, b).select(0, h);
@@ -309,8 +309,8 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       Tensor states = w.states.narrow(0, 0, nc), gstates = grad_states.narrow(0, 0, nc);
       Tensor gsumm = grad_summaries.narrow(0, 0, nc), gscores = grad_scores.narrow(0, 0, nc);
       // inter-chunk
-      at::bmm_out(GPqc, scaledc, states.transpose(1, 2));  // (nc, C, m)
-      at::bmm_out(gstates, PHqc.transpose(1, 2), scaledc);  // (nc, m, d + 1)
+      at::bmm_out(GPqc, scaledc, states);  // (nc, C, m)
+      at::bmm_out(gstates, scaledc.transpose(1, 2), PHqc);  // (nc, d + 1, m)
       // intra-chunk: d loss / d scores, weighted like the scores
       at::bmm_out(gscores, G1c, w.chunks(w.V1, nc).transpose(1, 2));  // (nc, C, C)
       gscores.mul_(w.within.narrow(0, 0, nc));
@@ -328,9 +328,9 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
           for (int64_t x = 0; x < width; ++x) grad_state[x] = direct[x] + a * grad_state[x];
         }
       }
-      GPkc.baddbmm_(w.chunks(w.V1w, nc), gsumm.transpose(1, 2));
+      GPkc.baddbmm_(w.chunks(w.V1w, nc), gsumm);
       Tensor throughc = w.chunks(through, nc);
-      at::bmm_out(throughc, PHkc, gsumm);  // (nc, C, d + 1), times the key weights below
+      at::bmm_out(throughc, PHkc, gsumm.transpose(1, 2));  // (nc, C, d + 1), times the key weights below
       // through the feature maps, and d loss / d v
       T* gpq = GPq.data_ptr<T>();
       T* gpk = GPk.data_ptr<T>();
