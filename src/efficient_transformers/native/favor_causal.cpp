@@ -135,6 +135,7 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
   T* v1w = w.V1w.template data_ptr<T>();
   const T* vp = vh.data_ptr<T>() + s0 * vh.stride(0);
   for (int64_t j = 0; j < Lp; ++j) {
+    if (j + kAhead < L) prefetch_row(vp + (j + kAhead) * vh.stride(0), d);  // strided rows: fetch ahead
     T* row = v1 + j * (d + 1);
     T* roww = v1w + j * (d + 1);
     if (g(j) == negative_infinity<T>()) {
@@ -291,6 +292,10 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
           T* row = g1 + i * (d + 1);
           T* srow = sc + i * (d + 1);
           const T z = i < L ? norm[i] : T(0);
+          if (i + kAhead < std::min(end, L)) {
+            prefetch_row(gop + (i + kAhead) * gouth.stride(0), d);
+            prefetch_row(outp + (i + kAhead) * outh.stride(0), d);
+          }
           if (z > 0) {
             const T inverse = T(1) / z;
             const T* go = gop + i * gouth.stride(0);
@@ -360,6 +365,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
           const T scale = grad_norm[j] * norm_grad_scale;
           T* row = gk + j * gk_target.stride(0);
           const T* kj = kp + j * kh.stride(0);
+          if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * kh.stride(0), d);
           for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
         }
       });
