@@ -116,7 +116,6 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v) {
   const Geometry g = geometry(q, omega, segment_size);
   const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
-  const T norm_grad_scale = T(-1) / std::sqrt(T(d));  // d log_norm / d x = -x / sqrt(d)
   const Tensor omega_t = omega.t();
   auto options = q.options();
   for_each_head(g.B, g.H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
@@ -219,17 +218,7 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       });
       Tensor target = gkh.narrow(0, s, n);
       at::mm_out(target, GP, omega);
-      T* gk = target.data_ptr<T>();
-      const T* kp = kh.data_ptr<T>() + s * kh.stride(0);
-      at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          const T scale = row_grad_norm[j] * norm_grad_scale;
-          T* row = gk + j * target.stride(0);
-          const T* kj = kp + j * kh.stride(0);
-          if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * kh.stride(0), d);
-          for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
-        }
-      });
+      add_log_norm_gradient<T>(target, kh.narrow(0, s, n), row_grad_norm.data());
     }
   });
 }

@@ -253,7 +253,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
                           const Tensor& grad_v, const Tensor& grad_kv_in) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1), nc_max = S / C;
-  const T norm_scale = T(0.5) / std::sqrt(T(d)), norm_grad_scale = T(-1) / std::sqrt(T(d));
+  const T norm_scale = T(0.5) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();
   auto o = q.options();
   for_each_head(B, H, [&](int64_t b, int64_t h) {  // heads in parallel when there are enough
@@ -358,17 +358,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       Tensor gq_target = gqh.narrow(0, s0, L), gk_target = gkh.narrow(0, s0, L);
       at::mm_out(gq_target, GPq.narrow(0, 0, L), omega);  // (L, d), into the heads-last buffers
       at::mm_out(gk_target, GPk.narrow(0, 0, L), omega);
-      T* gk = gk_target.data_ptr<T>();
-      const T* kp = kh.data_ptr<T>() + s0 * kh.stride(0);
-      at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          const T scale = grad_norm[j] * norm_grad_scale;
-          T* row = gk + j * gk_target.stride(0);
-          const T* kj = kp + j * kh.stride(0);
-          if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * kh.stride(0), d);
-          for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * scale;
-        }
-      });
+      add_log_norm_gradient<T>(gk_target, kh.narrow(0, s0, L), grad_norm.data());
     }
     std::copy(grad_state.begin(), grad_state.end(), grad_kv_in.data_ptr<T>() + head * width);
   });

@@ -180,6 +180,24 @@ void weighted_values(const Tensor& V1, const Tensor& values, const T* log_scale,
   });
 }
 
+// grad_k_j += k_j * grad_norm_j * (-1 / sqrt d): the log-norm's gradient, for the rows of strided (n, d) views
+template <typename T>
+void add_log_norm_gradient(const Tensor& grad_keys, const Tensor& keys, const T* grad_norm) {
+  const int64_t n = keys.size(0), d = keys.size(1);
+  const T scale = T(-1) / std::sqrt(T(d));
+  T* gk = grad_keys.data_ptr<T>();
+  const T* kp = keys.data_ptr<T>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T* row = gk + j * grad_keys.stride(0);
+      const T* kj = kp + j * keys.stride(0);
+      if (j + kAhead < end) prefetch_row(kp + (j + kAhead) * keys.stride(0), d);
+      const T factor = grad_norm[j] * scale;
+      for (int64_t c = 0; c < d; ++c) row[c] += kj[c] * factor;
+    }
+  });
+}
+
 template <typename T>
 void column_sums(const T* x, int64_t rows, int64_t cols, T* sums) {
   std::fill(sums, sums + cols, T(0));
