@@ -12,7 +12,8 @@
 //   P = x omega'^T (n, m), M = max_f P, E = exp(P - M), phi = E + eps (the eps term is folded into
 //   rank-one corrections of the (m, d + 1) products);
 //   keys: g = M - |k|^2 / (2 sqrt d) (-inf for padding), weight w = exp(g - R) with R the max of g
-//   over the real keys, V1 = [v w, w], kv = sum_j phi_j V1_j^T (m, d + 1);
+//   over the real keys, V1 = [v w, w], kv = sum_j phi_j V1_j^T (m, d + 1), stored transposed, (d + 1, m):
+//   the faster layout of its products on this CPU;
 //   queries: out1 = phi_q kv = E kv + eps colsum(kv), normaliser = out1[:, d], out = out1[:, :d] / normaliser.
 // Stabilisers (M, R) are constants of the gradient: the output is exactly invariant to them.
 

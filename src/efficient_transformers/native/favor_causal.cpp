@@ -93,10 +93,6 @@ struct Segment {  // one head's scratch for a segment of up to S rows (nc_max ch
   }
 };
 
-struct Saved {  // per-row saved quantities of one head, offset to the segment's first row
-  void *qmax, *qarg, *kmax, *karg, *klog;
-};
-
 // The pieces of segment [s0, s0 + L) of head (qh, kh, vh): features, scan weights, values, chunk summaries,
 // the states entering each chunk (from S_in relative to R_in) and the weighted within-chunk scores.
 // Returns the reference leaving the segment and writes the state leaving it into S_out.
