@@ -36,7 +36,7 @@ Memory: the backward pass recomputes the features one segment at a time (activat
 so m = 256 features cost no more memory than the N x d inputs.
 
 Speed: FAVOR+ ("positive") on CPU runs native kernels, compiled on first use
-(`efficient_transformers.native`; about 30 s once, then cached): the same computation with each row's
+(`efficient_transformers.native`; about 10 s once, then cached): the same computation with each row's
 elementwise work fused, 15-25 % faster at 16K tokens (bidirectional and causal), at 1.02x (causal
 1.12x) SDPA's peak memory. "hyperbolic" and "relu" run the portable Python form.
 """

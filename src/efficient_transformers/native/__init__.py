@@ -7,7 +7,7 @@ portable Python forms compute (the same products, the same stabilisers, the same
 tests compare the two in float64 and float32) and fuse each row's elementwise work into one pass
 right after the product that made it.
 
-**Build.** The first use in a fresh environment compiles `favor.cpp` (about 30 s on two cores; it needs
+**Build.** The first use in a fresh environment compiles the kernels (about 10 s on two cores; it needs
 a C++ compiler and `ninja`, a dependency of this package) into PyTorch's extension cache
 (`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`); later processes load it in milliseconds.
 The vector width follows `torch.backends.cpu.get_cpu_capability()` (AVX512, AVX2, or portable code).
