@@ -18,7 +18,7 @@ import efficient_transformers as et
 from efficient_transformers import native
 from efficient_transformers.bench import harness, products
 from efficient_transformers.core.feature_maps import PositiveRandomFeatures
-from efficient_transformers.core.kernel_attention import kernel_attention
+from efficient_transformers.core.kernel_attention import kernel_attention, reference_kernel_attention
 
 if shutil.which("c++") is None and shutil.which("g++") is None:  # pragma: no cover - CI has a compiler
     pytest.skip("no C++ compiler: the native kernels cannot be built here", allow_module_level=True)
@@ -164,6 +164,22 @@ def test_the_performer_layer_runs_native_only_where_it_applies():
         with seen:
             layer(x)
         assert bool(native_ops(seen.names)) == expected, (features, causal)
+
+
+def test_a_map_that_redefines_its_parts_runs_the_portable_path():
+    class Scaled(PositiveRandomFeatures):
+        def projection(self, x):
+            return 0.5 * super().projection(x)
+
+    feature_map = Scaled(8, 16, orthogonal=True).double()
+    assert not feature_map.native_favor and PositiveRandomFeatures(8, 16, orthogonal=True).native_favor
+    q, k, v = inputs(torch.float64)
+    seen = OpNames()
+    with seen:
+        out, _ = kernel_attention(q, k, v, feature_map)
+    assert not native_ops(seen.names)
+    reference = reference_kernel_attention(feature_map(q), feature_map(k), v)  # the redefined map, naively
+    torch.testing.assert_close(out, reference, atol=1e-10, rtol=1e-10)
 
 
 def test_switches_and_a_failed_build_fall_back_to_the_portable_path(monkeypatch):

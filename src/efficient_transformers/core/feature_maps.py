@@ -217,8 +217,12 @@ class PositiveRandomFeatures(RandomFeatures):
 
     @property
     def native_favor(self) -> bool:
-        """Bidirectional kernel attention may run this map in the native kernel (`efficient_transformers.native`)."""
-        return not self.hyperbolic
+        """Kernel attention may run this map in the native kernels (`efficient_transformers.native`), which
+        implement exactly this class's positive map: not the hyperbolic one, nor a subclass that redefines
+        the projection, the log-norm or the epsilon (those run the portable path, which calls them)."""
+        cls = type(self)
+        return (not self.hyperbolic and cls.projection is PositiveRandomFeatures.projection
+                and cls.log_norm is PositiveRandomFeatures.log_norm and cls.epsilon == PositiveRandomFeatures.epsilon)
 
     def projection(self, x: Tensor) -> Tensor:
         """The part of log phi(x) that varies across features: omega x' (and -omega x'). (..., N, m)"""
