@@ -55,14 +55,7 @@ inline std::pair<T, T> through_exp_sums(T* grad, const T* e, int64_t m, int64_t 
     weighted = weighted + ge;
     ge.store(grad + f);
   }
-  T lanes[V::size()], lanes_w[V::size()];
-  sum.store(lanes);
-  weighted.store(lanes_w);
-  T s = 0, w = 0;
-  for (int i = 0; i < V::size(); ++i) {
-    s += lanes[i];
-    w += lanes_w[i];
-  }
+  T s = lane_sum(sum), w = lane_sum(weighted);
   for (; f < m; ++f) {
     s += grad[f];
     grad[f] *= e[f];
