@@ -103,6 +103,26 @@ def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, m, se
             "padded keys get no gradient"
 
 
+@pytest.mark.parametrize("chunk", [32, 160])
+def test_causal_scores_saved_or_recomputed_equal_the_portable_path(chunk):
+    """Chunks up to 128 save their weighted within-chunk scores for the backward pass (N C numbers per
+    head); larger chunks recompute them. Both give the portable path's outputs and gradients."""
+    torch.manual_seed(0)
+    feature_map = PositiveRandomFeatures(8, 24, orthogonal=True).double()
+    q, k, v = inputs(torch.float64, batch=2, n=330)  # 330 tokens: a partial last chunk either way
+    mask = padding(2, 330)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        fast = run(q, k, v, feature_map, mask, 320, causal=True, chunk=chunk)
+    score_shape = (2, 2, -(-330 // chunk), chunk, chunk)
+    assert (score_shape in saved) == (chunk <= 128), saved
+    with native.portable():
+        slow = run(q, k, v, feature_map, mask, 320, causal=True, chunk=chunk)
+    for got, expected in zip(fast[:-1], slow[:-1]):
+        scale = expected.abs().max()
+        torch.testing.assert_close(got / scale, expected / scale, atol=1e-12, rtol=0)
+
+
 def test_large_inputs_and_tied_row_maxima_stay_finite():
     """Magnitudes whose features overflow float32 unstabilised (outputs agree with the portable path; the
     gradients are ill-conditioned in float32 at this scale in both paths, so only finiteness is asked),

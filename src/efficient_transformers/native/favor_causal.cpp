@@ -87,12 +87,14 @@ struct Segment {  // one head's scratch for a segment of up to S rows (nc_max ch
 };
 
 // The pieces of segment [s0, s0 + L) of head (qh, kh, vh): features, scan weights, values, chunk summaries,
-// the states entering each chunk (from S_in relative to R_in) and the weighted within-chunk scores.
-// Returns the reference leaving the segment and writes the state leaving it into S_out.
+// the states entering each chunk (from S_in relative to R_in), the within-chunk weights and the weighted
+// within-chunk scores, into `scores` (nc, C, C) unless `scores_given` (the backward pass reads the
+// forward's). Returns the reference leaving the segment and writes the state leaving it into S_out.
 template <typename T>
 T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor& vh, const bool* mask, int64_t s0,
                  int64_t L, const Tensor& omega_t, T eps, T norm_scale, const T* S_in, T R_in, T* S_out,
-                 T* qmax, int64_t* qarg, T* kmax, int64_t* karg, T* klog, bool given) {
+                 T* qmax, int64_t* qarg, T* kmax, int64_t* karg, T* klog, bool given, const Tensor& scores,
+                 bool scores_given) {
   const int64_t C = w.C, m = w.m, d = w.d, nc = (L + C - 1) / C, Lp = nc * C, width = m * (d + 1);
   // features; padded rows (L .. Lp) are zeros and carry g = -inf
   Tensor Eq = w.Eq.narrow(0, 0, L), Ek = w.Ek.narrow(0, 0, L);
@@ -167,13 +169,17 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
         std::fill(row, row + i + 1, T(0));
         continue;
       }
-      for (int64_t j = 0; j <= i; ++j) row[j] = g(c * C + j);
+      const int64_t real = std::max<int64_t>(0, std::min(i + 1, L - c * C));  // keys of the chunk before L
+      std::copy(klog + c * C, klog + c * C + real, row);
+      std::fill(row + real, row + i + 1, negative_infinity<T>());
       exp_shifted(row, i + 1, Mi);  // exp(-inf - M) = 0 for padding
     }
   });
-  Tensor scores = w.scores.narrow(0, 0, nc);
-  at::bmm_out(scores, w.chunks(w.PHq, nc), w.chunks(w.PHk, nc).transpose(1, 2));  // (nc, C, C)
-  scores.mul_(w.within.narrow(0, 0, nc));
+  if (!scores_given) {
+    Tensor target = scores;
+    at::bmm_out(target, w.chunks(w.PHq, nc), w.chunks(w.PHk, nc).transpose(1, 2));  // (nc, C, C)
+    target.mul_(w.within.narrow(0, 0, nc));
+  }
   return nc > 0 ? w.chunk_end[nc - 1] : R_in;
 }
 
@@ -183,8 +189,9 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
                          int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
                          const Tensor& entry_ref, const Tensor& kv_out, const Tensor& ref_out, const Tensor& query_max,
                          const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
-                         const Tensor& key_log_scale) {
+                         const Tensor& key_log_scale, const Tensor& saved_scores) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
+  const bool save_scores = saved_scores.numel() > 0;  // (B, H, chunks, C, C) for the backward pass, or empty
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1);
   const T norm_scale = T(0.5) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();
@@ -201,14 +208,16 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
       std::copy(state.begin(), state.end(), entry_kv.data_ptr<T>() + (head * segments + si) * width);
       entry_ref.data_ptr<T>()[head * segments + si] = ref;
       std::vector<T> next(width);
+      const Tensor scores = save_scores ? saved_scores.select(0, b).select(0, h).narrow(0, s0 / C, nc)
+                                        : w.scores.narrow(0, 0, nc);
       const T next_ref = segment_pieces<T>(
           w, qh, kh, vh, mask_all ? mask_all + b * N + s0 : nullptr, s0, L, omega_t, eps, norm_scale, state.data(),
           ref, next.data(), query_max.data_ptr<T>() + row0 + s0, query_arg.data_ptr<int64_t>() + row0 + s0,
           key_max.data_ptr<T>() + row0 + s0, key_arg.data_ptr<int64_t>() + row0 + s0,
-          key_log_scale.data_ptr<T>() + row0 + s0, false);
+          key_log_scale.data_ptr<T>() + row0 + s0, false, scores, false);
       Tensor inter = w.chunks(w.inter, nc), out1 = w.chunks(w.out1, nc);
       at::bmm_out(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc).transpose(1, 2));  // (nc, C, d + 1): phi_q S_c
-      at::bmm_out(out1, w.scores.narrow(0, 0, nc), w.chunks(w.V1, nc));  // within the chunks
+      at::bmm_out(out1, scores, w.chunks(w.V1, nc));  // within the chunks
       const T* ip = w.inter.template data_ptr<T>();
       const T* op = w.out1.template data_ptr<T>();
       T* norm = normaliser.data_ptr<T>() + row0 + s0;
@@ -239,7 +248,8 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
                           const Tensor& entry_ref, const Tensor& query_max, const Tensor& query_arg,
                           const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale,
                           const Tensor& grad_out, const Tensor& grad_kv_out, const Tensor& grad_q, const Tensor& grad_k,
-                          const Tensor& grad_v, const Tensor& grad_kv_in) {
+                          const Tensor& grad_v, const Tensor& grad_kv_in, const Tensor& saved_scores) {
+  const bool scores_given = saved_scores.numel() > 0;  // the forward's weighted scores, or recompute them
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1), nc_max = S / C;
   const T norm_scale = T(0.5) / std::sqrt(T(d));
@@ -266,10 +276,13 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       const T* kmax = key_max.data_ptr<T>() + row0 + s0;
       const int64_t* karg = key_arg.data_ptr<int64_t>() + row0 + s0;
       T* klog = key_log_scale.data_ptr<T>() + row0 + s0;
+      const Tensor scores = scores_given ? saved_scores.select(0, b).select(0, h).narrow(0, s0 / C, nc)
+                                         : w.scores.narrow(0, 0, nc);
       segment_pieces<T>(w, qh, kh, vh, nullptr, s0, L, omega_t, eps, norm_scale,
                         entry_kv.data_ptr<T>() + (head * segments + si) * width,
                         entry_ref.data_ptr<T>()[head * segments + si], exit_state.data(), const_cast<T*>(qmax),
-                        const_cast<int64_t*>(qarg), const_cast<T*>(kmax), const_cast<int64_t*>(karg), klog, true);
+                        const_cast<int64_t*>(qarg), const_cast<T*>(kmax), const_cast<int64_t*>(karg), klog, true,
+                        scores, scores_given);
       // d loss / d out1 (padded rows: zeros) and its row-scaled copy
       T* g1 = G1.data_ptr<T>();
       T* sc = scaled.data_ptr<T>();
@@ -310,7 +323,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       gscores.mul_(w.within.narrow(0, 0, nc));
       GPqc.baddbmm_(gscores, PHkc);
       at::bmm_out(GPkc, gscores.transpose(1, 2), PHqc);  // (nc, C, m)
-      at::bmm_out(GV1c, w.scores.narrow(0, 0, nc).transpose(1, 2), G1c);  // (nc, C, d + 1)
+      at::bmm_out(GV1c, scores.transpose(1, 2), G1c);  // (nc, C, d + 1)
       // through the carried states: the adjoint recurrence
       {
         const T* gst = gstates.data_ptr<T>();
@@ -358,13 +371,13 @@ void favor_causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
                           int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
                           const Tensor& entry_ref, const Tensor& kv_out, const Tensor& ref_out, const Tensor& query_max,
                           const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
-                          const Tensor& key_log_scale) {
+                          const Tensor& key_log_scale, const Tensor& saved_scores) {
   TORCH_CHECK(chunk > 0 && segment % chunk == 0, "favor_causal: the segment must be a multiple of the chunk");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_forward", [&] {
     causal_forward_impl<scalar_t>(q, k, v, key_mask, kv_in, ref_in, omega, static_cast<scalar_t>(eps), chunk,
                                   std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out, normaliser,
                                   entry_kv, entry_ref, kv_out, ref_out, query_max, query_arg, key_max, key_arg,
-                                  key_log_scale);
+                                  key_log_scale, saved_scores);
   });
 }
 
@@ -373,12 +386,14 @@ void favor_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, co
                            const Tensor& entry_kv, const Tensor& entry_ref, const Tensor& query_max,
                            const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
                            const Tensor& key_log_scale, const Tensor& grad_out, const Tensor& grad_kv_out,
-                           const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& grad_kv_in) {
+                           const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& grad_kv_in,
+                           const Tensor& saved_scores) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_backward", [&] {
     causal_backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), chunk,
                                    std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out,
                                    normaliser, entry_kv, entry_ref, query_max, query_arg, key_max, key_arg,
-                                   key_log_scale, grad_out, grad_kv_out, grad_q, grad_k, grad_v, grad_kv_in);
+                                   key_log_scale, grad_out, grad_kv_out, grad_q, grad_k, grad_v, grad_kv_in,
+                                   saved_scores);
   });
 }
 
