@@ -123,6 +123,26 @@ def test_causal_scores_saved_or_recomputed_equal_the_portable_path(chunk):
         torch.testing.assert_close(got / scale, expected / scale, atol=1e-12, rtol=0)
 
 
+def test_the_causal_kernel_rejects_saved_scores_of_the_wrong_shape():
+    """The op checks its scores buffer: empty (recompute) or (B, H, ceil(N / C), C, C)."""
+    torch.manual_seed(0)
+    feature_map = PositiveRandomFeatures(8, 24, orthogonal=True)
+    q, k, v = inputs(torch.float32, batch=1, n=10)
+    kernel_attention(q, k, v, feature_map, causal=True, chunk_size=4)  # builds the kernels
+    B, H, n, d = q.shape
+    m, C = 24, 4
+    f32 = dict(dtype=torch.float32)
+    args = [q.detach(), k.detach(), v.detach(), None, torch.zeros(B, H, d + 1, m), torch.full((B, H), float("-inf")),
+            feature_map.scaled_omega(torch.float32), 1e-6, C, 8, torch.empty(B, n, H, d).transpose(1, 2),
+            torch.empty(B, H, n), torch.empty(B, H, 2, d + 1, m), torch.empty(B, H, 2),
+            torch.empty(B, H, d + 1, m), torch.empty(B, H), torch.empty(B, H, n, **f32),
+            torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n, **f32),
+            torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n, **f32)]
+    with pytest.raises(RuntimeError, match=r"saved_scores must be empty or a contiguous \(B, H, ceil\(N / C\), C, C\)"):
+        torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 2, C, C))  # 3 chunks of 4
+    torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C))  # the right shape runs
+
+
 def test_large_inputs_and_tied_row_maxima_stay_finite():
     """Magnitudes whose features overflow float32 unstabilised (outputs agree with the portable path; the
     gradients are ill-conditioned in float32 at this scale in both paths, so only finiteness is asked),

@@ -37,8 +37,9 @@ so m = 256 features cost no more memory than the N x d inputs.
 
 Speed: FAVOR+ ("positive") on CPU runs native kernels, compiled on first use
 (`efficient_transformers.native`; about 10 s once, then cached): the same computation with each row's
-elementwise work fused, about 30 % faster at 16K tokens (bidirectional and causal), at 1.02x (causal
-1.23x: it keeps the within-chunk scores for the backward pass) SDPA's peak memory. "hyperbolic" and "relu" run the portable Python form.
+elementwise work fused, about 30 % faster at 16K tokens (bidirectional and causal), at 1.02x SDPA's
+peak memory (causal 1.23x: it keeps the within-chunk scores for the backward pass). "hyperbolic" and
+"relu" run the portable Python form.
 """
 
 from __future__ import annotations

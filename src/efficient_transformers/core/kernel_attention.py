@@ -495,7 +495,7 @@ class _CausalKernelAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
 
 
-_MAX_SAVED_SCORES_CHUNK = 128  # larger chunks recompute their scores: N C numbers per head would grow past q's
+_MAX_SAVED_SCORES_CHUNK = 128  # larger chunks recompute their scores: N C numbers per head, over 2x q's at d = 64
 
 
 class _NativeCausalFavor(torch.autograd.Function):

@@ -366,6 +366,16 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
   });
 }
 
+// The weighted within-chunk scores: empty (recompute them) or (B, H, ceil(N / C), C, C), contiguous, q's dtype
+void check_saved_scores(const Tensor& q, int64_t chunk, const Tensor& scores) {
+  if (scores.numel() == 0) return;
+  const std::vector<int64_t> expected{q.size(0), q.size(1), (q.size(2) + chunk - 1) / chunk, chunk, chunk};
+  TORCH_CHECK(scores.sizes() == at::IntArrayRef(expected) && scores.is_contiguous() &&
+                  scores.scalar_type() == q.scalar_type(),
+              "favor_causal: saved_scores must be empty or a contiguous (B, H, ceil(N / C), C, C) tensor of q's dtype, got ",
+              scores.sizes());
+}
+
 void favor_causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
                           const Tensor& kv_in, const Tensor& ref_in, const Tensor& omega, double eps, int64_t chunk,
                           int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
@@ -373,6 +383,7 @@ void favor_causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
                           const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
                           const Tensor& key_log_scale, const Tensor& saved_scores) {
   TORCH_CHECK(chunk > 0 && segment % chunk == 0, "favor_causal: the segment must be a multiple of the chunk");
+  check_saved_scores(q, chunk, saved_scores);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_forward", [&] {
     causal_forward_impl<scalar_t>(q, k, v, key_mask, kv_in, ref_in, omega, static_cast<scalar_t>(eps), chunk,
                                   std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out, normaliser,
@@ -388,6 +399,7 @@ void favor_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, co
                            const Tensor& key_log_scale, const Tensor& grad_out, const Tensor& grad_kv_out,
                            const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& grad_kv_in,
                            const Tensor& saved_scores) {
+  check_saved_scores(q, chunk, saved_scores);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_backward", [&] {
     causal_backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), chunk,
                                    std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out,
