@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from efficient_transformers.bench import products
+from efficient_transformers.bench import gemm, products
 from efficient_transformers.bench.ceiling import performer_products
-from efficient_transformers.bench.harness import Workload, build_layer, count_flops, make_step
+from efficient_transformers.bench.harness import Workload, build_layer, count_flops, make_step, matmul_rate
 
 N, DIM, HEADS, FEATURES, CHUNK = 128, 32, 2, 24, 16
 D_HEAD = DIM // HEADS
@@ -91,3 +91,34 @@ def test_in_place_and_out_variants_of_the_products_are_counted():
         torch.addmm(torch.zeros(6, 3), a, b, out=torch.empty(6, 3))  # 2 * 6 * 3 * 5
 
     assert products.record_products(step, roots=[]).flops == 2 * (90 + 180 + 180 + 30 + 90)
+
+
+@pytest.mark.skipif(not gemm.onednn_usable(torch.float32), reason="oneDNN is not built into this PyTorch")
+def test_onednn_product_is_the_same_product_as_torch_mm():
+    a, b = torch.randn(37, 19, dtype=torch.float32), torch.randn(19, 23, dtype=torch.float32)
+    torch.testing.assert_close(gemm.onednn_product(a, b.t().contiguous()), a @ b, rtol=1e-5, atol=1e-5)
+    assert not gemm.onednn_usable(torch.float64)  # float64 stays on PyTorch's product
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "oneDNN"])
+def test_replay_on_either_backend_runs_the_same_products(backend):
+    recorded = _recorded("performer", nb_features=FEATURES)  # mm, bmm and addbmm products
+    assert {p.kind for p in recorded.kept} >= {"mm", "bmm"}
+    seen = products.record_products(products.replay(recorded, backend=backend))  # oneDNN's matmul is recorded too
+    assert seen.flops == recorded.flops and seen.recomputed_flops == 0
+    with pytest.raises(ValueError, match="backend must be"):
+        products.replay(recorded, backend="mkl")
+
+
+def test_the_machine_rate_is_the_faster_backend():
+    probe = matmul_rate(size=64, seconds=0.01)
+    assert "torch.matmul" in probe["backends"] and probe["gflops"] == max(probe["backends"].values()) > 0
+    assert probe["backends"][probe["backend"]] == probe["gflops"]
+
+
+@pytest.mark.parametrize("kind", ["mm", "bmm", "addbmm"])
+@pytest.mark.parametrize("backend", ["torch", "oneDNN"])
+def test_every_kind_of_product_replays_with_its_flops_on_either_backend(kind, backend):
+    product = products.Product(kind, 1 if kind == "mm" else 3, 8, 5, 4, torch.float32, kind, "forward", repeat=2)
+    seen = products.record_products(products.replay([product], backend=backend))
+    assert seen.flops == product.flops == 2 * 2 * (1 if kind == "mm" else 3) * 8 * 5 * 4

@@ -32,6 +32,10 @@ ceiling's own speed-up over vanilla (vanilla's step / the ceiling):
 
     python -m efficient_transformers.bench.ceiling --mechanisms performer --lengths 16384 [--causal]
 
+This standalone table times PyTorch's own products (`torch.mm`/`bmm`); on AMD CPUs they run through
+MKL's AVX2 kernels at about half of oneDNN's rate (`--backends` prints both, `gemm.py`), and there
+`--mechanisms`, which replays every shape on the faster backend, is the bound to quote.
+
 The README's figures come from it: on this project's CPU, one thread, N = 16K and m = 256, the
 products alone are 20.5-21.8x faster than the SDPA step (causal 8.1-8.4x), so a Performer layer,
 which must also compute its features' exponentials, cannot be 20x faster (causal 10x) there.
@@ -45,7 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import harness, products
+from . import gemm, harness, products
 from .harness import TimingPlan, median_of, paired_ratio, time_interleaved
 
 
@@ -215,11 +219,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --mechanisms: layer options, e.g. performer.nb_features=128")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timing rounds (default 5)")
+    parser.add_argument("--backends", action="store_true",
+                        help="only print PyTorch's and oneDNN's float32 matrix-multiply rates at a few shapes (gemm.py)")
     args = parser.parse_args(argv)
     args.chunk_size_given = args.chunk_size is not None
     args.chunk_size = args.chunk_size or 64
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.backends:
+        print(f"float32 matrix-multiply rates, {args.threads} thread(s), best of 5 calls:\n")
+        print(gemm.backend_table())
+        return 0
     lengths = [int(t) for t in args.lengths.split(",")]
     if args.mechanisms:
         args.mechanisms = [m.strip() for m in args.mechanisms.split(",") if m.strip()]

@@ -21,8 +21,9 @@ counted. PyTorch has no formula for the CPU flash-attention kernel that SDPA use
 upstream dense-attention formulas are registered for it here (counted as dense even when causal, as
 upstream does on GPU).
 
-Machine rate (`matmul_rate`): the best of a few short float32 `torch.matmul` runs on square
-matrices, in GFLOP/s; achieved GFLOP/s of a mechanism is reported as a fraction of it.
+Machine rate (`matmul_rate`): the best of a few short float32 runs on square matrices, in GFLOP/s,
+on the faster of `torch.matmul` and oneDNN's matmul (`gemm`: on AMD CPUs PyTorch's MKL runs at about
+half the rate); achieved GFLOP/s of a mechanism is reported as a fraction of it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .. import native
+from . import gemm
 
 MODES = ("forward", "train")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,23 +200,29 @@ def count_flops(step: Callable[[], None]) -> int:
 
 # ---------------------------------------------------------------------------------------- machine rate
 def matmul_rate(device: str = "cpu", *, size: int | None = None, seconds: float = 0.5) -> dict[str, Any]:
-    """The machine's float32 matrix-multiply rate: best GFLOP/s over short runs of `size`^3 products."""
+    """The machine's float32 matrix-multiply rate: best GFLOP/s over short runs of `size`^3 products, on
+    the faster of PyTorch's product and oneDNN's (`gemm`; on AMD CPUs MKL runs at about half oneDNN's
+    rate), `seconds` shared between them; "backends" gives each one's best."""
     size = size or (4096 if device == "cuda" else 1024)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device)
-    b = torch.randn(size, size, generator=gen).to(device)
     flops_per_product = 2 * size**3
-    torch.matmul(a, b)  # warm-up
-    synchronize(device)
-    best, runs, deadline = 0.0, 0, time.perf_counter() + seconds
-    while runs < 3 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4):
-            torch.matmul(a, b)
+    rates: dict[str, float] = {}
+    runs = 0
+    calls = gemm.square_rates(size, device)
+    for name, product in calls.items():
+        product()  # warm-up
         synchronize(device)
-        best = max(best, 4 * flops_per_product / (time.perf_counter() - start) / 1e9)
-        runs += 1
-    return {"gflops": best, "size": size, "dtype": "float32", "runs": runs}
+        best, tries, deadline = 0.0, 0, time.perf_counter() + seconds / len(calls)
+        while tries < 3 or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            for _ in range(4):
+                product()
+            synchronize(device)
+            best = max(best, 4 * flops_per_product / (time.perf_counter() - start) / 1e9)
+            tries += 1
+        rates[name], runs = best, runs + tries
+    backend = max(rates, key=rates.get)
+    return {"gflops": rates[backend], "backend": backend, "backends": rates, "size": size, "dtype": "float32",
+            "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------- timing

@@ -39,6 +39,10 @@ The FLOP counter (`harness.count_flops`) does the same.
 row-major buffers of its shape (values irrelevant: only the time counts), allocated once and shared
 by products of the same shape and role (a segment loop's products reuse their buffers, as its
 temporaries do; memory stays bounded). Tiles of fused attention run on one tile buffer, repeated.
+Where oneDNN's matmul is faster for a shape than PyTorch's product (on AMD CPUs MKL runs its AVX2
+kernels, about half the rate: `gemm`), that shape runs on oneDNN instead (chosen by timing both once
+per shape): a lower bound on any implementation's step has to use the faster one. oneDNN's matmul
+(`mkldnn::_linear_pointwise`) is recorded as a product too, should a layer call it.
 
 **FLOPs** (`Products.flops`): 2 m n k per product (times the batch), the kept products only.
 Divided by the machine's measured matrix-multiply rate it gives a second, computed bound beside the
@@ -57,12 +61,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .. import native
+from . import gemm
 
 aten = torch.ops.aten
 # op packet -> how to read (batch, m, n, k) from its tensor arguments
 _MM = {aten.mm, aten.addmm, aten.addmm_}
 _BMM = {aten.bmm, aten.baddbmm, aten.baddbmm_}
 _VECTOR = {aten.mv, aten.addmv, aten.addmv_, aten.dot, aten.vdot}
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 KV_TILE = 512  # the CPU flash-attention kernel's key block
 
 
@@ -152,6 +158,9 @@ def _product_shape(packet, tensors: list[torch.Tensor]) -> tuple[str, int, int, 
         a, b = tensors[-2], tensors[-1]
         m = a.shape[0] if a.dim() == 2 else 1
         return "mm", 1, m, 1, a.shape[-1]
+    if packet is _ONEDNN_LINEAR:  # input (..., k), weight (n, k)
+        a, weight = tensors[0], tensors[1]
+        return "mm", 1, a.numel() // a.shape[-1], weight.shape[0], a.shape[-1]
     if packet is aten.matmul:  # only if it reaches the mode undecomposed
         a, b = tensors[0], tensors[1]
         a2 = a if a.dim() > 1 else a[None]
@@ -283,8 +292,38 @@ def record_products(step: Callable[[], None], roots: Iterable[torch.Tensor] | No
 
 
 # ---------------------------------------------------------------------------------------- replay
-def replay(products: Products | Iterable[Product], device: str = "cpu") -> Callable[[], None]:
-    """A zero-argument callable that runs the kept products alone, on buffers allocated here once."""
+def _product_calls(p: Product, buffer: Callable[..., torch.Tensor], device: str) -> dict[str, Callable[[], object]]:
+    """One call of product `p` per backend usable for it (`gemm`): "torch" always, "oneDNN" where it runs."""
+    if p.kind == "mm":
+        a, b, c = buffer("a", (p.m, p.k), p.dtype), buffer("b", (p.k, p.n), p.dtype), buffer("c", (p.m, p.n), p.dtype)
+        calls = {"torch": lambda: torch.mm(a, b, out=c)}
+    elif p.kind == "bmm":
+        a, b = buffer("a", (p.batch, p.m, p.k), p.dtype), buffer("b", (p.batch, p.k, p.n), p.dtype)
+        c = buffer("c", (p.batch, p.m, p.n), p.dtype)
+        calls = {"torch": lambda: torch.bmm(a, b, out=c)}
+    else:  # addbmm: sum over the batch
+        a, b = buffer("a", (p.batch, p.m, p.k), p.dtype), buffer("b", (p.batch, p.k, p.n), p.dtype)
+        c = buffer("c", (p.m, p.n), p.dtype)
+        calls = {"torch": lambda: torch.addbmm(c, a, b, beta=0.0, out=c)}
+    if gemm.onednn_usable(p.dtype, device):
+        if p.kind == "mm":
+            weight = buffer("w", (p.n, p.k), p.dtype)
+            calls["oneDNN"] = lambda: gemm.onednn_product(a, weight)
+        elif p.kind == "bmm":
+            weights = buffer("w", (p.batch, p.n, p.k), p.dtype)
+            calls["oneDNN"] = lambda: [gemm.onednn_product(a[i], weights[i]) for i in range(p.batch)]
+        else:  # sum_i a_i b_i = [a_1 ... a_B] [b_1; ...; b_B]: one product with B k columns
+            wide, weight = buffer("a_wide", (p.m, p.batch * p.k), p.dtype), buffer("w", (p.n, p.batch * p.k), p.dtype)
+            calls["oneDNN"] = lambda: gemm.onednn_product(wide, weight)
+    return calls
+
+
+def replay(products: Products | Iterable[Product], device: str = "cpu", backend: str | None = None) -> Callable[[], None]:
+    """A zero-argument callable that runs the kept products alone, on buffers allocated here once, each on
+    the faster backend for its shape (`gemm.fastest`: PyTorch's product or oneDNN's), or on `backend`
+    ("torch" or "oneDNN") wherever that one can run the product."""
+    if backend not in (None, "torch", "oneDNN"):
+        raise ValueError(f"replay: backend must be None (the faster per shape), 'torch' or 'oneDNN', got {backend!r}")
     kept = products.kept if isinstance(products, Products) else [p for p in products if not p.recomputed]
     buffers: dict[tuple, torch.Tensor] = {}
 
@@ -294,25 +333,23 @@ def replay(products: Products | Iterable[Product], device: str = "cpu") -> Calla
             buffers[key] = torch.randn(shape, device=device).to(dtype)  # values do not matter
         return buffers[key]
 
-    calls: list[tuple[Callable, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+    def trial_buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(shape, device=device).to(dtype)  # freed once the backend is chosen
+
+    calls: list[tuple[Callable[[], object], int]] = []
     for p in kept:
-        if p.kind == "mm":
-            a, b = buffer("a", (p.m, p.k), p.dtype), buffer("b", (p.k, p.n), p.dtype)
-            c = buffer("c", (p.m, p.n), p.dtype)
-            calls.append((torch.mm, a, b, c, p.repeat))
-        elif p.kind == "bmm":
-            a, b = buffer("a", (p.batch, p.m, p.k), p.dtype), buffer("b", (p.batch, p.k, p.n), p.dtype)
-            c = buffer("c", (p.batch, p.m, p.n), p.dtype)
-            calls.append((torch.bmm, a, b, c, p.repeat))
-        else:  # addbmm: sum over the batch
-            a, b = buffer("a", (p.batch, p.m, p.k), p.dtype), buffer("b", (p.batch, p.k, p.n), p.dtype)
-            c = buffer("c", (p.m, p.n), p.dtype)
-            calls.append((lambda x, y, out: torch.addbmm(out, x, y, beta=0.0, out=out), a, b, c, p.repeat))
+        options = _product_calls(p, buffer, device)
+        if backend is None:
+            key = ("replay", p.kind, p.batch, p.m, p.n, p.k, p.dtype, device)
+            choice = gemm.fastest(key, _product_calls(p, trial_buffer, device))
+        else:
+            choice = backend if backend in options else "torch"
+        calls.append((options[choice], p.repeat))
 
     def run() -> None:
-        for op, a, b, c, repeat in calls:
+        for call, repeat in calls:
             for _ in range(repeat):
-                op(a, b, out=c)
+                call()
 
     return run
 

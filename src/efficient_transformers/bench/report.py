@@ -24,6 +24,12 @@ MODE_TITLE = {"forward": "Forward (inference)", "train": "Train (forward + backw
 METRICS = {"time_ms": ("time", "time per step (ms)"), "peak_mem_mb": ("memory", "peak memory of the step (MiB)")}
 
 
+def _backend_rates(probe: dict | None) -> str:
+    """": torch.matmul 96, oneDNN 212 GFLOP/s" from the last probe (nothing for an older bench.json)."""
+    rates = (probe or {}).get("backends") or {}
+    return (": " + ", ".join(f"{name} {_num(rate)}" for name, rate in rates.items()) + " GFLOP/s") if rates else ""
+
+
 def _num(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "—"
@@ -90,9 +96,10 @@ def markdown(result: dict[str, Any]) -> str:
         ("rounds per configuration", f"up to {config['repeats']} (at least {config['min_rounds']} when the limit allows), "
                                      f"time budget {config['time_budget_s']:g} s, samples of >= {config['sample_min_s'] * 1e3:g} ms"),
         ("limit per configuration", f"{config['timeout_s']:g} s"),
-        ("matrix-multiply rate", f"{_num(config['matmul_gflops'])} GFLOP/s (best float32 torch.matmul "
-                                 f"{(config.get('matmul_probe') or {}).get('size', '?')}^3 over {config['matmul_probe_s']:g} s "
-                                 f"at start-up and {config['matmul_probe_s'] / 10:g} s before every block)"),
+        ("matrix-multiply rate", f"{_num(config['matmul_gflops'])} GFLOP/s (best float32 "
+                                 f"{(config.get('matmul_probe') or {}).get('size', '?')}^3 product over {config['matmul_probe_s']:g} s "
+                                 f"at start-up and {config['matmul_probe_s'] / 10:g} s before every block, on the faster "
+                                 f"backend{_backend_rates(config.get('matmul_probe'))})"),
         ("load average at start, end", f"{_num(config.get('load_average_start'))}, {_num(config.get('load_average_end'))} "
                                        f"(1-minute, {config['cpu_count']} CPUs)"),
         ("peak memory", config["memory_method"] + "; " + config["memory_unit"]),

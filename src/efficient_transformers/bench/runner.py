@@ -197,7 +197,8 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
         "memory_unit": "MiB (2^20 bytes), above the resident size before the step (parameters and inputs excluded)",
         "ceiling_method": "the step's matrix products (forward + backward, without what the backward pass recomputes), "
                           "recorded under a TorchDispatchMode on the warm-up call and replayed alone on preallocated "
-                          "buffers in the same rounds as the step; fraction = median over rounds of replay / step "
+                          "buffers in the same rounds as the step, each shape on the faster of PyTorch's product and "
+                          "oneDNN's (bench/gemm.py); fraction = median over rounds of replay / step "
                           "(bench/products.py); FLOP-rate bound = their 2mnk FLOPs at the matrix-multiply rate",
         "flops_method": "torch.utils.flop_counter.FlopCounterMode over one step (matrix products and fused attention; "
                         "elementwise ops not counted; fused attention counted as dense even when causal)",
