@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from efficient_transformers.bench import gemm, products
+from efficient_transformers.bench import products
+from efficient_transformers.core import gemm
 from efficient_transformers.bench.ceiling import performer_products
 from efficient_transformers.bench.harness import Workload, build_layer, count_flops, make_step, matmul_rate
 

@@ -70,13 +70,17 @@ def test_the_build_succeeds_where_a_compiler_exists():
     assert native.available(), f"the native kernels did not build: {native.build_error()}"
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("dtype,tol,backend", [(torch.float64, 1e-12, "auto"), (torch.float32, 2e-5, "torch"),
+                                               (torch.float32, 2e-5, "onednn")])
 @pytest.mark.parametrize("m,segment", [(20, 16), (35, 1024), (64, 7)])  # vector tails; several / one / odd segments
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, m, segment, masked, causal):
+def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, backend, m, segment, masked, causal,
+                                                               monkeypatch):
     """Bidirectional, and causal with chunks of 4 (segments rounded to a multiple: 16, 1024, 4; 50 tokens
-    leave a partial last chunk), its final state and a loss on it."""
+    leave a partial last chunk), its final state and a loss on it; the kernels' float32 products on
+    ATen's BLAS and on oneDNN (`core.gemm`; the portable path always runs PyTorch's)."""
+    monkeypatch.setenv("EFT_MATMUL", backend)
     torch.manual_seed(0)
     feature_map = PositiveRandomFeatures(8, m, orthogonal=True).to(dtype)
     q, k, v = inputs(dtype)
@@ -139,8 +143,8 @@ def test_the_causal_kernel_rejects_saved_scores_of_the_wrong_shape():
             torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n, **f32),
             torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n, **f32)]
     with pytest.raises(RuntimeError, match=r"saved_scores must be empty or a contiguous \(B, H, ceil\(N / C\), C, C\)"):
-        torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 2, C, C))  # 3 chunks of 4
-    torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C))  # the right shape runs
+        torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 2, C, C), False)  # 3 chunks of 4
+    torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C), False)  # the right shape runs
 
 
 def test_large_inputs_and_tied_row_maxima_stay_finite():

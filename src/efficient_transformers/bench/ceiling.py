@@ -49,7 +49,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import gemm, harness, products
+from ..core import gemm
+from . import harness, products
 from .harness import TimingPlan, median_of, paired_ratio, time_interleaved
 
 

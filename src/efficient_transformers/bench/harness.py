@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .. import native
-from . import gemm
+from ..core import gemm
 
 MODES = ("forward", "train")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,9 +159,16 @@ def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _onednn_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's matmul (`core.gemm`, the projections where MKL is slower): x (..., k) @ weight (n, k)^T."""
+    return 2 * math.prod(x_shape) * weight_shape[0]
+
+
 def _extra_flop_formulas() -> dict[Any, Callable[..., int]]:
     aten = torch.ops.aten
     formulas: dict[Any, Callable[..., int]] = {}
+    if gemm.onednn_usable(torch.float32):
+        formulas[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
     for op_name, formula in (
         ("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_forward_flops),
         ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flops),

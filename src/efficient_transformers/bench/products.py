@@ -61,7 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .. import native
-from . import gemm
+from ..core import gemm
 
 aten = torch.ops.aten
 # op packet -> how to read (batch, m, n, k) from its tensor arguments
@@ -305,16 +305,12 @@ def _product_calls(p: Product, buffer: Callable[..., torch.Tensor], device: str)
         a, b = buffer("a", (p.batch, p.m, p.k), p.dtype), buffer("b", (p.batch, p.k, p.n), p.dtype)
         c = buffer("c", (p.m, p.n), p.dtype)
         calls = {"torch": lambda: torch.addbmm(c, a, b, beta=0.0, out=c)}
-    if gemm.onednn_usable(p.dtype, device):
-        if p.kind == "mm":
-            weight = buffer("w", (p.n, p.k), p.dtype)
-            calls["oneDNN"] = lambda: gemm.onednn_product(a, weight)
-        elif p.kind == "bmm":
-            weights = buffer("w", (p.batch, p.n, p.k), p.dtype)
-            calls["oneDNN"] = lambda: [gemm.onednn_product(a[i], weights[i]) for i in range(p.batch)]
+    if gemm.onednn_usable(p.dtype, device) and p.dtype == torch.float32:
+        if p.kind in ("mm", "bmm"):
+            calls["oneDNN"] = lambda: gemm.onednn_matmul(a, b, c)
         else:  # sum_i a_i b_i = [a_1 ... a_B] [b_1; ...; b_B]: one product with B k columns
-            wide, weight = buffer("a_wide", (p.m, p.batch * p.k), p.dtype), buffer("w", (p.n, p.batch * p.k), p.dtype)
-            calls["oneDNN"] = lambda: gemm.onednn_product(wide, weight)
+            wide, tall = buffer("a_wide", (p.m, p.batch * p.k), p.dtype), buffer("b_tall", (p.batch * p.k, p.n), p.dtype)
+            calls["oneDNN"] = lambda: gemm.onednn_matmul(wide, tall, c)
     return calls
 
 
@@ -341,7 +337,7 @@ def replay(products: Products | Iterable[Product], device: str = "cpu", backend:
         options = _product_calls(p, buffer, device)
         if backend is None:
             key = ("replay", p.kind, p.batch, p.m, p.n, p.k, p.dtype, device)
-            choice = gemm.fastest(key, _product_calls(p, trial_buffer, device))
+            choice = gemm.fastest(key, lambda: _product_calls(p, trial_buffer, device))
         else:
             choice = backend if backend in options else "torch"
         calls.append((options[choice], p.repeat))

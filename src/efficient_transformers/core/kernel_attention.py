@@ -96,6 +96,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import native
+from . import gemm
 from .blocking import pad_mask_to_multiple, pad_to_multiple, split_blocks
 from .feature_maps import FeatureMap, Identity
 from .heads import heads_last
@@ -437,9 +438,11 @@ class _NativeFavorAttention(torch.autograd.Function):
         query_arg, key_arg = (torch.empty(B, H, n, dtype=torch.int64) for _ in range(2))
         mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()
         saved = (omega, out, normaliser, kv, log_ref, query_max, query_arg, key_max, key_arg, key_log_scale)
-        torch.ops.efficient_transformers.favor_forward(q, k, v, mask, omega, feature_map.epsilon, segment_size, *saved[1:])
+        onednn = gemm.prefers_onednn(q.dtype, q.device)  # the products' backend (`core.gemm`), kept for backward
+        torch.ops.efficient_transformers.favor_forward(q, k, v, mask, omega, feature_map.epsilon, segment_size, *saved[1:],
+                                                       onednn)
         ctx.save_for_backward(q, k, v, *saved)  # padding is in the keys' log-scales (-inf): no mask needed
-        ctx.epsilon, ctx.segment_size = feature_map.epsilon, segment_size
+        ctx.epsilon, ctx.segment_size, ctx.onednn = feature_map.epsilon, segment_size, onednn
         return out
 
     @staticmethod
@@ -450,7 +453,7 @@ class _NativeFavorAttention(torch.autograd.Function):
             grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         torch.ops.efficient_transformers.favor_backward(q, k, v, omega, ctx.epsilon, ctx.segment_size, *saved,
-                                                        grad_out, grad_q, grad_k, grad_v)
+                                                        grad_out, grad_q, grad_k, grad_v, ctx.onednn)
         return grad_q, grad_k, grad_v, None, None, None
 
 
@@ -526,11 +529,13 @@ class _NativeCausalFavor(torch.autograd.Function):
         chunks = -(-n // chunk_size)
         keep_scores = any(ctx.needs_input_grad) and chunk_size <= _MAX_SAVED_SCORES_CHUNK
         scores = v.new_empty((B, H, chunks, chunk_size, chunk_size) if keep_scores else (0,))  # (0,): recompute
+        onednn = gemm.prefers_onednn(q.dtype, q.device)  # the products' backend (`core.gemm`), kept for backward
         torch.ops.efficient_transformers.favor_causal_forward(
             q, k, v, mask, kv_in.transpose(-1, -2).contiguous(), ref_in.contiguous(), omega, feature_map.epsilon,
-            chunk_size, segment_size, *saved, kv_out, ref_out, *rows, scores)
+            chunk_size, segment_size, *saved, kv_out, ref_out, *rows, scores, onednn)
         ctx.save_for_backward(q, k, v, omega, *saved, *rows, scores)  # padding is in the keys' log-scales (-inf)
         ctx.epsilon, ctx.chunk_size, ctx.segment_size = feature_map.epsilon, chunk_size, segment_size
+        ctx.onednn = onednn
         ctx.mark_non_differentiable(ref_out)
         return out, kv_out.transpose(-1, -2), ref_out  # the state as (B, H, m, d + 1), a view
 
@@ -547,7 +552,7 @@ class _NativeCausalFavor(torch.autograd.Function):
         grad_kv_in = torch.empty_like(grad_kv_out)
         torch.ops.efficient_transformers.favor_causal_backward(
             q, k, v, omega, ctx.epsilon, ctx.chunk_size, ctx.segment_size, *saved, grad_out, grad_kv_out,
-            grad_q, grad_k, grad_v, grad_kv_in, scores)
+            grad_q, grad_k, grad_v, grad_kv_in, scores, ctx.onednn)
         grad_kv_in = grad_kv_in.transpose(-1, -2) if ctx.needs_input_grad[4] else None  # (B, H, m, d + 1)
         return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Card
+from . import gemm
 from . import options as opt
 from .aux_losses import ReportsAuxLosses
 from .heads import merge_heads, split_heads
@@ -115,8 +116,13 @@ class AttentionLayer(ReportsAuxLosses, nn.Module):
         return q, k, v
 
     def output(self, out: Tensor) -> Tensor:
-        """Hook: per-head outputs (B, H, N, d) -> (B, N, dim): head merge, then W_O."""
-        return self.to_out(merge_heads(out))
+        """Hook: per-head outputs (B, H, N, d) -> (B, N, dim): head merge, then W_O (a plain `nn.Linear` on
+        `core.gemm`'s preferred backend; a wrapped or hooked one, e.g. quantized, LoRA or pruned, calls itself)."""
+        merged = merge_heads(out)  # (B, N, dim)
+        to_out = self.to_out
+        if type(to_out) is nn.Linear and not (to_out._forward_hooks or to_out._forward_pre_hooks):
+            return gemm.linear(merged, self.to_out.weight, self.to_out.bias)
+        return self.to_out(merged)
 
     @staticmethod
     def merge_heads(out: Tensor) -> Tensor:

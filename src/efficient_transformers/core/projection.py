@@ -12,15 +12,17 @@ gradient stored heads-last ((B, N, H, d) memory, as SDPA, kernel and block-spars
 them; see `core.heads`) is already the (B N, dim) operand of its slot's products and is not copied
 at all; another layout is copied once. Values and gradients are those of `nn.Linear` followed by
 the head split (tested); double backward is not supported. Under autocast the backward products
-run in the weight's dtype (float32).
+run in the weight's dtype (float32). The products run on `core.gemm`'s preferred backend (oneDNN
+where PyTorch's MKL is clearly slower, as on AMD CPUs).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from . import gemm
 
 
 def project_heads(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int) -> tuple[Tensor, ...]:
@@ -33,7 +35,7 @@ class _FusedHeadProjection(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, heads: int):
         B, N, dim = x.shape
         slots = weight.shape[0] // dim
-        fused = F.linear(x, weight, bias).view(B, N, slots, heads, dim // heads)  # (B, N, S, H, d)
+        fused = gemm.linear(x, weight, bias).view(B, N, slots, heads, dim // heads)  # (B, N, S, H, d)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -61,9 +63,9 @@ class _FusedHeadProjection(torch.autograd.Function):
             g = g.to(weight.dtype).transpose(1, 2).reshape(B * N, dim)  # (B N, H d): a view when heads-last
             w = weight[slot * dim:(slot + 1) * dim]  # (dim, dim): this slot's rows
             if ctx.needs_input_grad[0]:  # accumulated with out= rather than addmm_, which FlopCounterMode misses
-                grad_x = g @ w if grad_x is None else torch.addmm(grad_x, g, w, out=grad_x)  # (B N, dim)
+                grad_x = gemm.matmul(g, w) if grad_x is None else gemm.matmul(g, w, out=grad_x, accumulate=True)  # (B N, dim)
             if grad_weight is not None:
-                torch.mm(g.t(), rows, out=grad_weight[slot * dim:(slot + 1) * dim])
+                gemm.matmul(g.t(), rows, out=grad_weight[slot * dim:(slot + 1) * dim])
             if grad_bias is not None:
                 torch.sum(g, 0, out=grad_bias[slot * dim:(slot + 1) * dim])
         if grad_x is not None:

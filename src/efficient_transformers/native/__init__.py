@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 
 ENV_SWITCH = "EFT_NATIVE"
-_SOURCES = [Path(__file__).with_name(name) for name in ("favor.cpp", "favor_causal.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("favor.cpp", "favor_causal.cpp", "matmul.cpp")]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"built": None, "error": None}
 _DISABLED = threading.local()

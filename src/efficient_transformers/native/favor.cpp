@@ -5,7 +5,7 @@
 // normalisers, their gradients) as a separate pass over 1024-row segments of all heads; here each
 // row of a segment is handled once while it is in cache, right after the matrix product that made
 // it, and a row's argmax comes with its max (the epsilon term's gradient goes to that one feature,
-// no one-hot pass). The matrix products are the same ones, through ATen (`at::mm_out`), on the
+// no one-hot pass). The matrix products are the same ones, through ATen or oneDNN (`Gemm`, rows.h), on the
 // same strided views (no copy of q, k, v or of the heads-last gradient buffers).
 //
 // Notation (per batch item b and head h; see kernel_attention.py for the derivation):
@@ -33,7 +33,7 @@ template <typename T>
 void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
                   const Tensor& omega, T eps, int64_t segment_size, const Tensor& out, const Tensor& normaliser,
                   const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
-                  const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale) {
+                  const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Gemm& gemm) {
   const Geometry g = geometry(q, omega, segment_size);
   const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
   const T norm_scale = T(0.5) / std::sqrt(T(d));
@@ -59,14 +59,14 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
       const int64_t n = std::min(S, N - s);
       Tensor Ps = P.narrow(0, 0, n), V1s = V1.narrow(0, 0, n);
       key_log_norms<T>(kh.narrow(0, s, n), norm_scale, klog + s);  // first: brings the rows into cache
-      at::mm_out(Ps, kh.narrow(0, s, n), omega_t);  // (n, m)
+      gemm(Ps, kh.narrow(0, s, n), omega_t);  // (n, m)
       key_rows<T>(Ps, mask ? mask + s : nullptr, kmax + s, karg + s, klog + s, false);
       T segment_ref = negative_infinity<T>();
       for (int64_t j = 0; j < n; ++j) segment_ref = std::max(segment_ref, klog[s + j]);
       if (segment_ref == negative_infinity<T>()) continue;  // only padding: nothing to add
       weighted_values<T>(V1s, vh.narrow(0, s, n), klog + s, segment_ref, weights.data_ptr<T>());
       column_sums(V1s.data_ptr<T>(), n, d + 1, value_sums.data());
-      at::mm_out(summary, V1s.t(), Ps);  // (d + 1, m): (E^T V1)^T, the faster layout of this product
+      gemm(summary, V1s.t(), Ps);  // (d + 1, m): (E^T V1)^T, the faster layout of this product
       const T new_ref = std::max(ref, segment_ref);
       const T keep = decay(ref, new_ref), add = decay(segment_ref, new_ref);
       const T* sp = summary.data_ptr<T>();
@@ -86,7 +86,7 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     for (int64_t s = 0; s < N; s += S) {
       const int64_t n = std::min(S, N - s);
       Tensor Ps = P.narrow(0, 0, n), O1 = out1.narrow(0, 0, n);
-      at::mm_out(Ps, qh.narrow(0, s, n), omega_t);
+      gemm(Ps, qh.narrow(0, s, n), omega_t);
       T* p = Ps.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -94,7 +94,7 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
           exp_shifted(p + i * m, m, qmax[s + i]);
         }
       });
-      at::mm_out(O1, Ps, kvh.t());  // (n, d + 1)
+      gemm(O1, Ps, kvh.t());  // (n, d + 1)
       const T* o = O1.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -114,7 +114,7 @@ template <typename T>
 void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& omega, T eps, int64_t segment_size, const Tensor& out, const Tensor& normaliser,
                    const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
                    const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Tensor& grad_out,
-                   const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v) {
+                   const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Gemm& gemm) {
   const Geometry g = geometry(q, omega, segment_size);
   const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
   const Tensor omega_t = omega.t();
@@ -141,7 +141,7 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     for (int64_t s = 0; s < N; s += S) {
       const int64_t n = std::min(S, N - s);
       Tensor Ps = P.narrow(0, 0, n), G1 = rows1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
-      at::mm_out(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
+      gemm(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
       T* p = Ps.data_ptr<T>();
       T* g1 = G1.data_ptr<T>();
       const T* outp = outh.data_ptr<T>() + s * outh.stride(0);
@@ -167,8 +167,8 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       });
       for (int64_t i = 0; i < n; ++i)
         for (int64_t c = 0; c <= d; ++c) grad_sums[c] += g1[i * (d + 1) + c];
-      grad_kv.addmm_(G1.t(), Ps);  // += (E^T grad_out1)^T
-      at::mm_out(GP, G1, kvh);  // (n, m): d loss / d phi
+      gemm(grad_kv, G1.t(), Ps, true);  // += (E^T grad_out1)^T
+      gemm(GP, G1, kvh);  // (n, m): d loss / d phi
       T* gp = GP.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -177,7 +177,7 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
         }
       });
       Tensor target = gqh.narrow(0, s, n);
-      at::mm_out(target, GP, omega);  // (n, d), into the heads-last buffer
+      gemm(target, GP, omega);  // (n, d), into the heads-last buffer
     }
     T* gkv = grad_kv.data_ptr<T>();
     for (int64_t c = 0; c <= d; ++c) {
@@ -193,10 +193,10 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       const int64_t n = std::min(S, N - s);
       Tensor Ps = P.narrow(0, 0, n), V1 = rows1.narrow(0, 0, n), PG = products1.narrow(0, 0, n);
       Tensor GP = grad_phi.narrow(0, 0, n);
-      at::mm_out(Ps, kh.narrow(0, s, n), omega_t);
+      gemm(Ps, kh.narrow(0, s, n), omega_t);
       key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
       weighted_values<T>(V1, vh.narrow(0, s, n), klog + s, ref, weights.data_ptr<T>());
-      at::mm_out(PG, Ps, grad_kv.t());  // (n, d + 1): E grad_kv
+      gemm(PG, Ps, grad_kv.t());  // (n, d + 1): E grad_kv
       T* pg = PG.data_ptr<T>();
       const T* v1 = V1.data_ptr<T>();
       const T* w = weights.data_ptr<T>();
@@ -211,14 +211,14 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
           row_grad_norm[j] = dot(v1 + j * (d + 1), row, d + 1);  // sum_f d loss / d phi_f phi_f
         }
       });
-      at::mm_out(GP, V1, grad_kv);  // (n, m)
+      gemm(GP, V1, grad_kv);  // (n, m)
       T* gp = GP.data_ptr<T>();
       const T* p = Ps.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) through_exp(gp + j * m, p + j * m, m, karg[s + j], eps * row_grad_sum[j]);
       });
       Tensor target = gkh.narrow(0, s, n);
-      at::mm_out(target, GP, omega);
+      gemm(target, GP, omega);
       add_log_norm_gradient<T>(target, kh.narrow(0, s, n), row_grad_norm.data());
     }
   });
@@ -227,20 +227,20 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 void favor_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
                    const Tensor& omega, double eps, int64_t segment, const Tensor& out, const Tensor& normaliser,
                    const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
-                   const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale) {
+                   const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, bool onednn) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_forward", [&] {
     forward_impl<scalar_t>(q, k, v, key_mask, omega, static_cast<scalar_t>(eps), segment, out, normaliser, kv, log_ref,
-                           query_max, query_arg, key_max, key_arg, key_log_scale);
+                           query_max, query_arg, key_max, key_arg, key_log_scale, Gemm(onednn));
   });
 }
 
 void favor_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& omega, double eps, int64_t segment, const Tensor& out, const Tensor& normaliser,
                     const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
                     const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Tensor& grad_out,
-                    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v) {
+                    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, bool onednn) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_backward", [&] {
     backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), segment, out, normaliser, kv, log_ref,
-                            query_max, query_arg, key_max, key_arg, key_log_scale, grad_out, grad_q, grad_k, grad_v);
+                            query_max, query_arg, key_max, key_arg, key_log_scale, grad_out, grad_q, grad_k, grad_v, Gemm(onednn));
   });
 }
 

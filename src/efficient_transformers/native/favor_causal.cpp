@@ -8,7 +8,7 @@
 //   key weights exp(g_j - R_end,c), row scales exp(R_start,c - M_i), within-chunk weights exp(g_j - M_i), j <= i;
 //   T_c = phi_k,c^T [v 1]_c (key-weighted), S_c+1 = S_c exp(R_start,c - R_end,c) + T_c;
 //   out1_c = row_scale (phi_q,c S_c) + ((phi_q,c phi_k,c^T) * within_c) [v 1]_c, out = out1[:, :d] / out1[:, d].
-// The chunk products of a segment are batched (`at::bmm_out` over its chunks); the row work (features,
+// The chunk products of a segment are batched (one product over its chunks, `Gemm` of rows.h); the row work (features,
 // weights, normalisers and their gradients) is fused per row after the product that made it. The
 // backward pass recomputes a segment's pieces from the state entering it and the rows' saved maxima.
 
@@ -94,14 +94,14 @@ template <typename T>
 T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor& vh, const bool* mask, int64_t s0,
                  int64_t L, const Tensor& omega_t, T eps, T norm_scale, const T* S_in, T R_in, T* S_out,
                  T* qmax, int64_t* qarg, T* kmax, int64_t* karg, T* klog, bool given, const Tensor& scores,
-                 bool scores_given) {
+                 bool scores_given, const Gemm& gemm) {
   const int64_t C = w.C, m = w.m, d = w.d, nc = (L + C - 1) / C, Lp = nc * C, width = m * (d + 1);
   // features; padded rows (L .. Lp) are zeros and carry g = -inf
   Tensor Eq = w.Eq.narrow(0, 0, L), Ek = w.Ek.narrow(0, 0, L);
-  at::mm_out(Eq, qh.narrow(0, s0, L), omega_t);
+  gemm(Eq, qh.narrow(0, s0, L), omega_t);
   feature_rows(Eq.data_ptr<T>(), w.PHq.template data_ptr<T>(), L, m, eps, qmax, qarg, given);
   if (!given) key_log_norms<T>(kh.narrow(0, s0, L), norm_scale, klog);
-  at::mm_out(Ek, kh.narrow(0, s0, L), omega_t);
+  gemm(Ek, kh.narrow(0, s0, L), omega_t);
   feature_rows(Ek.data_ptr<T>(), w.PHk.template data_ptr<T>(), L, m, eps, kmax, karg, given);
   if (!given)
     for (int64_t j = 0; j < L; ++j) klog[j] = (mask && !mask[j]) ? negative_infinity<T>() : kmax[j] + klog[j];
@@ -145,7 +145,7 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
   }
   // chunk summaries T_c and the states entering each chunk
   Tensor summaries = w.summaries.narrow(0, 0, nc), states = w.states.narrow(0, 0, nc);
-  at::bmm_out(summaries, w.chunks(w.V1w, nc).transpose(1, 2), w.chunks(w.PHk, nc));  // (nc, d + 1, m): T_c^T
+  gemm(summaries, w.chunks(w.V1w, nc).transpose(1, 2), w.chunks(w.PHk, nc));  // (nc, d + 1, m): T_c^T
   const T* tp = summaries.data_ptr<T>();
   T* sp = states.data_ptr<T>();
   std::copy(S_in, S_in + width, sp);
@@ -177,7 +177,7 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
   });
   if (!scores_given) {
     Tensor target = scores;
-    at::bmm_out(target, w.chunks(w.PHq, nc), w.chunks(w.PHk, nc).transpose(1, 2));  // (nc, C, C)
+    gemm(target, w.chunks(w.PHq, nc), w.chunks(w.PHk, nc).transpose(1, 2));  // (nc, C, C)
     target.mul_(w.within.narrow(0, 0, nc));
   }
   return nc > 0 ? w.chunk_end[nc - 1] : R_in;
@@ -189,7 +189,7 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
                          int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
                          const Tensor& entry_ref, const Tensor& kv_out, const Tensor& ref_out, const Tensor& query_max,
                          const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
-                         const Tensor& key_log_scale, const Tensor& saved_scores) {
+                         const Tensor& key_log_scale, const Tensor& saved_scores, const Gemm& gemm) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
   const bool save_scores = saved_scores.numel() > 0;  // (B, H, chunks, C, C) for the backward pass, or empty
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1);
@@ -214,10 +214,10 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
           w, qh, kh, vh, mask_all ? mask_all + b * N + s0 : nullptr, s0, L, omega_t, eps, norm_scale, state.data(),
           ref, next.data(), query_max.data_ptr<T>() + row0 + s0, query_arg.data_ptr<int64_t>() + row0 + s0,
           key_max.data_ptr<T>() + row0 + s0, key_arg.data_ptr<int64_t>() + row0 + s0,
-          key_log_scale.data_ptr<T>() + row0 + s0, false, scores, false);
+          key_log_scale.data_ptr<T>() + row0 + s0, false, scores, false, gemm);
       Tensor inter = w.chunks(w.inter, nc), out1 = w.chunks(w.out1, nc);
-      at::bmm_out(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc).transpose(1, 2));  // (nc, C, d + 1): phi_q S_c
-      at::bmm_out(out1, scores, w.chunks(w.V1, nc));  // within the chunks
+      gemm(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc).transpose(1, 2));  // (nc, C, d + 1): phi_q S_c
+      gemm(out1, scores, w.chunks(w.V1, nc));  // within the chunks
       const T* ip = w.inter.template data_ptr<T>();
       const T* op = w.out1.template data_ptr<T>();
       T* norm = normaliser.data_ptr<T>() + row0 + s0;
@@ -248,7 +248,8 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
                           const Tensor& entry_ref, const Tensor& query_max, const Tensor& query_arg,
                           const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale,
                           const Tensor& grad_out, const Tensor& grad_kv_out, const Tensor& grad_q, const Tensor& grad_k,
-                          const Tensor& grad_v, const Tensor& grad_kv_in, const Tensor& saved_scores) {
+                          const Tensor& grad_v, const Tensor& grad_kv_in, const Tensor& saved_scores,
+                          const Gemm& gemm) {
   const bool scores_given = saved_scores.numel() > 0;  // the forward's weighted scores, or recompute them
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1), nc_max = S / C;
@@ -282,7 +283,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
                         entry_kv.data_ptr<T>() + (head * segments + si) * width,
                         entry_ref.data_ptr<T>()[head * segments + si], exit_state.data(), const_cast<T*>(qmax),
                         const_cast<int64_t*>(qarg), const_cast<T*>(kmax), const_cast<int64_t*>(karg), klog, true,
-                        scores, scores_given);
+                        scores, scores_given, gemm);
       // d loss / d out1 (padded rows: zeros) and its row-scaled copy
       T* g1 = G1.data_ptr<T>();
       T* sc = scaled.data_ptr<T>();
@@ -316,14 +317,14 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       Tensor states = w.states.narrow(0, 0, nc), gstates = grad_states.narrow(0, 0, nc);
       Tensor gsumm = grad_summaries.narrow(0, 0, nc), gscores = grad_scores.narrow(0, 0, nc);
       // inter-chunk
-      at::bmm_out(GPqc, scaledc, states);  // (nc, C, m)
-      at::bmm_out(gstates, scaledc.transpose(1, 2), PHqc);  // (nc, d + 1, m)
+      gemm(GPqc, scaledc, states);  // (nc, C, m)
+      gemm(gstates, scaledc.transpose(1, 2), PHqc);  // (nc, d + 1, m)
       // intra-chunk: d loss / d scores, weighted like the scores
-      at::bmm_out(gscores, G1c, w.chunks(w.V1, nc).transpose(1, 2));  // (nc, C, C)
+      gemm(gscores, G1c, w.chunks(w.V1, nc).transpose(1, 2));  // (nc, C, C)
       gscores.mul_(w.within.narrow(0, 0, nc));
-      GPqc.baddbmm_(gscores, PHkc);
-      at::bmm_out(GPkc, gscores.transpose(1, 2), PHqc);  // (nc, C, m)
-      at::bmm_out(GV1c, scores.transpose(1, 2), G1c);  // (nc, C, d + 1)
+      gemm(GPqc, gscores, PHkc, true);
+      gemm(GPkc, gscores.transpose(1, 2), PHqc);  // (nc, C, m)
+      gemm(GV1c, scores.transpose(1, 2), G1c);  // (nc, C, d + 1)
       // through the carried states: the adjoint recurrence
       {
         const T* gst = gstates.data_ptr<T>();
@@ -335,9 +336,9 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
           for (int64_t x = 0; x < width; ++x) grad_state[x] = direct[x] + a * grad_state[x];
         }
       }
-      GPkc.baddbmm_(w.chunks(w.V1w, nc), gsumm);
+      gemm(GPkc, w.chunks(w.V1w, nc), gsumm, true);
       Tensor throughc = w.chunks(through, nc);
-      at::bmm_out(throughc, PHkc, gsumm.transpose(1, 2));  // (nc, C, d + 1), times the key weights below
+      gemm(throughc, PHkc, gsumm.transpose(1, 2));  // (nc, C, d + 1), times the key weights below
       // through the feature maps, and d loss / d v
       T* gpq = GPq.data_ptr<T>();
       T* gpk = GPk.data_ptr<T>();
@@ -358,8 +359,8 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
         }
       });
       Tensor gq_target = gqh.narrow(0, s0, L), gk_target = gkh.narrow(0, s0, L);
-      at::mm_out(gq_target, GPq.narrow(0, 0, L), omega);  // (L, d), into the heads-last buffers
-      at::mm_out(gk_target, GPk.narrow(0, 0, L), omega);
+      gemm(gq_target, GPq.narrow(0, 0, L), omega);  // (L, d), into the heads-last buffers
+      gemm(gk_target, GPk.narrow(0, 0, L), omega);
       add_log_norm_gradient<T>(gk_target, kh.narrow(0, s0, L), grad_norm.data());
     }
     std::copy(grad_state.begin(), grad_state.end(), grad_kv_in.data_ptr<T>() + head * width);
@@ -381,14 +382,14 @@ void favor_causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, con
                           int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
                           const Tensor& entry_ref, const Tensor& kv_out, const Tensor& ref_out, const Tensor& query_max,
                           const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
-                          const Tensor& key_log_scale, const Tensor& saved_scores) {
+                          const Tensor& key_log_scale, const Tensor& saved_scores, bool onednn) {
   TORCH_CHECK(chunk > 0 && segment % chunk == 0, "favor_causal: the segment must be a multiple of the chunk");
   check_saved_scores(q, chunk, saved_scores);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_forward", [&] {
     causal_forward_impl<scalar_t>(q, k, v, key_mask, kv_in, ref_in, omega, static_cast<scalar_t>(eps), chunk,
                                   std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out, normaliser,
                                   entry_kv, entry_ref, kv_out, ref_out, query_max, query_arg, key_max, key_arg,
-                                  key_log_scale, saved_scores);
+                                  key_log_scale, saved_scores, Gemm(onednn));
   });
 }
 
@@ -398,14 +399,14 @@ void favor_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, co
                            const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
                            const Tensor& key_log_scale, const Tensor& grad_out, const Tensor& grad_kv_out,
                            const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& grad_kv_in,
-                           const Tensor& saved_scores) {
+                           const Tensor& saved_scores, bool onednn) {
   check_saved_scores(q, chunk, saved_scores);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_backward", [&] {
     causal_backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), chunk,
                                    std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out,
                                    normaliser, entry_kv, entry_ref, query_max, query_arg, key_max, key_arg,
                                    key_log_scale, grad_out, grad_kv_out, grad_q, grad_k, grad_v, grad_kv_in,
-                                   saved_scores);
+                                   saved_scores, Gemm(onednn));
   });
 }
 

@@ -8,8 +8,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +23,43 @@ namespace eft_native {
 
 using at::Tensor;
 constexpr int64_t kRowGrain = 32;  // rows per task of at::parallel_for
+
+// The kernels' matrix products: ATen's (its BLAS, MKL in the x86 wheels) or oneDNN's. Where MKL runs its
+// AVX2 kernels (on AMD CPUs) oneDNN's run about twice as fast; `core/gemm.py` measures that and the ops
+// take its choice. oneDNN's product is `at::native::mkldnn_matmul(a, b, c, beta, alpha)`: c = beta c +
+// alpha a b, 2-D or a batch of 3-D, any strides, float32 as float32 (unless the user allowed bf16/tf32
+// for float32 products, as for PyTorch's own). libtorch_cpu exports it but the installed headers do not
+// declare it, so it is looked up by its symbol; where a PyTorch build lacks it, ATen's product runs.
+class Gemm {
+ public:
+  explicit Gemm(bool onednn) : onednn_(onednn ? onednn_matmul() : nullptr) {}
+  bool onednn() const { return onednn_ != nullptr; }
+  // out = a b, or out += a b with `accumulate`; 2-D operands, or 3-D for a batch of products
+  void operator()(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate = false) const {
+    if (onednn_ && out.scalar_type() == at::kFloat) {
+      onednn_(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+      return;
+    }
+    Tensor target = out;
+    if (a.dim() == 2) {
+      if (accumulate) target.addmm_(a, b); else at::mm_out(target, a, b);
+    } else {
+      if (accumulate) target.baddbmm_(a, b); else at::bmm_out(target, a, b);
+    }
+  }
+
+ private:
+  using Matmul = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
+  static Matmul onednn_matmul() {
+    static const Matmul found = [] {
+      void* library = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+      return library ? reinterpret_cast<Matmul>(dlsym(library, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"))
+                     : nullptr;
+    }();
+    return found;
+  }
+  Matmul onednn_;
+};
 
 template <typename T>
 T negative_infinity() {
