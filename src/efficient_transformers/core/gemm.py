@@ -189,9 +189,9 @@ class _OneDNNLinear(torch.autograd.Function):
         rows_grad = grad.reshape(-1, weight.shape[0])  # (M, n)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = onednn_product(rows_grad, weight.t()).view(x.shape)  # g W: (M, k)
-        if ctx.needs_input_grad[1]:
-            grad_weight = onednn_product(rows_grad.t(), x.reshape(-1, x.shape[-1]).t())  # g^T x: (n, k)
+            grad_x = onednn_matmul(rows_grad, weight, x.new_empty(rows_grad.shape[0], x.shape[-1])).view(x.shape)  # g W
+        if ctx.needs_input_grad[1]:  # g^T x: (n, k), the transposed operand read in place (no copy)
+            grad_weight = onednn_matmul(rows_grad.t(), x.reshape(-1, x.shape[-1]), torch.empty_like(weight))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows_grad.sum(0)
         return grad_x, grad_weight, grad_bias
