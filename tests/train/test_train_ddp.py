@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
+from torchrun_jobs import run_job
 
 TINY = ["--task", "listops", "--attention", "vanilla", "--max-len", "48", "--dim", "32", "--depth", "1",
         "--heads", "2", "--num-train", "96", "--num-val", "16", "--num-test", "16", "--steps", "8",
@@ -43,14 +44,14 @@ def test_two_processes_match_one_process_and_resume_exactly(tmp_path, eft_comman
     # single-process run beside them): concurrent jobs on 2 cores once lost a rank to SIGABRT
     ddp_nodrop = tmp_path / "ddp_nodrop"
     single_run = _start([*eft_command, "train", *TINY, "--batch-size", "8", "--dropout", "0", "--out", str(single)], child_env)
-    outputs = [_finish(_start(cmd, child_env)) for cmd in (
-        _torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(ddp)),
-        _torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(stopped), "--stop-at", "3"),
-        _torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0", "--out", str(ddp_nodrop)),
+    outputs = [run_job(cmd, child_env, fresh_out=out) for cmd, out in (
+        (_torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(ddp)), ddp),
+        (_torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0.1", "--out", str(stopped), "--stop-at", "3"), stopped),
+        (_torchrun(2, *TINY, "--batch-size", "4", "--dropout", "0", "--out", str(ddp_nodrop)), ddp_nodrop),
     )]
     _finish(single_run)
     assert "stopped at step 3 of 8" in outputs[1]
-    resumed = _finish(_start(_torchrun(2, "--resume", "--out", str(stopped), "--progress", "off"), child_env))
+    resumed = run_job(_torchrun(2, "--resume", "--out", str(stopped), "--progress", "off"), child_env)
     assert "listops/vanilla: 8 steps" in resumed
 
     # one folder, written once (rank 0 only), same layout as a single-process run
@@ -80,9 +81,9 @@ def test_distillation_runs_data_parallel(tmp_path, eft_command, child_env):
     """`eft distill` is a trainer run like any other: two processes train the student from one teacher."""
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     _finish(_start([*eft_command, "train", *TINY, "--depth", "2", "--batch-size", "8", "--out", str(teacher)], child_env))
-    _finish(_start(_torchrun(2, "--teacher", str(teacher), "--attention", "linear_transformer", "--steps", "4",
-                             "--batch-size", "4", "--eval-every", "2", "--log-every", "2", "--progress", "off",
-                             "--out", str(student), command="distill"), child_env))
+    run_job(_torchrun(2, "--teacher", str(teacher), "--attention", "linear_transformer", "--steps", "4",
+                      "--batch-size", "4", "--eval-every", "2", "--log-every", "2", "--progress", "off",
+                      "--out", str(student), command="distill"), child_env, fresh_out=student)
     results = json.loads((student / "results.json").read_text())
     assert results["world_size"] == 2
     train = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torchrun_jobs import run_job
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")
 
@@ -45,12 +46,13 @@ ARGS = ["--task", "byte_lm", "--attention", "compressive", "--segment-len", "16"
 def test_two_processes_carry_their_lanes_memories_and_resume_exactly(tmp_path, eft_command, child_env, run_helpers):
     ddp, stopped, single = tmp_path / "ddp", tmp_path / "stopped", tmp_path / "single"
     single_run = _start([*eft_command, "train", *ARGS, "--batch-size", "4", "--out", str(single)], child_env)
-    _finish(_start(_torchrun(2, *ARGS, "--batch-size", "2", "--out", str(ddp)), child_env))
-    out = _finish(_start(_torchrun(2, *ARGS, "--batch-size", "2", "--out", str(stopped), "--stop-at", "2"), child_env))
+    run_job(_torchrun(2, *ARGS, "--batch-size", "2", "--out", str(ddp)), child_env, fresh_out=ddp)
+    out = run_job(_torchrun(2, *ARGS, "--batch-size", "2", "--out", str(stopped), "--stop-at", "2"), child_env,
+                  fresh_out=stopped)
     assert "stopped at step 2 of 4" in out
     with safe_open(str(stopped / "memory.safetensors"), "pt") as f:
         assert f.metadata()["lanes"] == "4" and f.metadata()["step"] == "2"
-    _finish(_start(_torchrun(2, "--resume", "--out", str(stopped), "--progress", "off"), child_env))
+    run_job(_torchrun(2, "--resume", "--out", str(stopped), "--progress", "off"), child_env)
     _finish(single_run)
 
     # resumed == uninterrupted, bit for bit: weights, optimiser, metrics and the memory of all 4 lanes
