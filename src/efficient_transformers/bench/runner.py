@@ -198,7 +198,7 @@ def _config(names, baseline_added, lengths, modes, batch, dim, heads, dtype, cau
         "ceiling_method": "the step's matrix products (forward + backward, without what the backward pass recomputes), "
                           "recorded under a TorchDispatchMode on the warm-up call and replayed alone on preallocated "
                           "buffers in the same rounds as the step, each shape on the faster of PyTorch's product and "
-                          "oneDNN's (bench/gemm.py); fraction = median over rounds of replay / step "
+                          "oneDNN's (core/gemm.py); fraction = median over rounds of replay / step "
                           "(bench/products.py); FLOP-rate bound = their 2mnk FLOPs at the matrix-multiply rate",
         "flops_method": "torch.utils.flop_counter.FlopCounterMode over one step (matrix products and fused attention; "
                         "elementwise ops not counted; fused attention counted as dense even when causal)",
