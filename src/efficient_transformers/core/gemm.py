@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import native
+from . import buffer_pool
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 BACKEND_ENV = "EFT_MATMUL"
@@ -151,16 +152,46 @@ def square_rates(size: int, device: str = "cpu") -> dict[str, Callable[[], objec
 
 
 # ---------------------------------------------------------------------------------------- the library's products
+def _into_new(a: Tensor, b: Tensor, bias: Tensor | None = None, shape: tuple[int, ...] | None = None) -> Tensor:
+    """a (m, k) @ b (k, n) (+ bias (n,)) on the preferred backend, no autograd, into a new buffer of
+    `shape` (default (m, n); not a view, so that a caller may modify it in place) from `core.buffer_pool`
+    (a large one is memory already touched: no page faults)."""
+    shape = (a.shape[0], b.shape[1]) if shape is None else shape
+    onednn = prefers_onednn(a.dtype, a.device) and b.dtype == a.dtype
+    if onednn and not native.enabled():  # oneDNN's product without out=: it allocates its result
+        return onednn_product(a, b.t(), bias).reshape(shape)
+    out = buffer_pool.empty(shape, a.dtype, a.device)
+    rows = out.view(a.shape[0], b.shape[1])  # (m, n)
+    if onednn:
+        if bias is not None:
+            rows.copy_(bias.expand_as(rows))
+        onednn_matmul(a, b, rows, accumulate=bias is not None)
+    elif bias is None:
+        torch.mm(a, b, out=rows)
+    else:
+        torch.addmm(bias, a, b, out=rows)
+    return out
+
+
 def matmul(a: Tensor, b: Tensor, *, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
-    """a (m, k) @ b (k, n) on the preferred backend (`prefers_onednn`); into `out`, or added to it with
-    `accumulate` (oneDNN has no out=: its result is copied or added, one pass over (m, n))."""
-    if not prefers_onednn(a.dtype, a.device) or b.dtype != a.dtype:
-        if out is None:
-            return a @ b
-        return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
+    """a (m, k) @ b (k, n) on the preferred backend (`prefers_onednn`), without autograd; into `out`, or
+    added to it with `accumulate`; a new result comes from `core.buffer_pool`."""
     if out is None:
-        return onednn_product(a, b.t())  # (m, n)
+        return _into_new(a, b)  # (m, n)
+    if not prefers_onednn(a.dtype, a.device) or b.dtype != a.dtype:
+        return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
     return onednn_matmul(a, b, out, accumulate)
+
+
+def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., k) @ weight^T (+ bias): `F.linear`'s value, without autograd, on the preferred backend and
+    into a `core.buffer_pool` buffer (for custom autograd Functions' forward passes). Under autocast, or
+    with mixed dtypes, it is `F.linear` itself."""
+    if (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
+            or torch.is_autocast_enabled(x.device.type)):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])  # (M, k): a view of a contiguous or heads-merged x
+    return _into_new(rows, weight.t(), bias, (*x.shape[:-1], weight.shape[0]))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -169,7 +200,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if not prefers_onednn(x.dtype, x.device) or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return F.linear(x, weight, bias)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return onednn_product(x, weight, bias)
+        return product(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
 
 
@@ -180,7 +211,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return onednn_product(x, weight, bias)  # (..., n)
+        return product(x, weight, bias)  # (..., n)
 
     @staticmethod
     @once_differentiable
@@ -189,7 +220,7 @@ class _OneDNNLinear(torch.autograd.Function):
         rows_grad = grad.reshape(-1, weight.shape[0])  # (M, n)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = onednn_matmul(rows_grad, weight, x.new_empty(rows_grad.shape[0], x.shape[-1])).view(x.shape)  # g W
+            grad_x = matmul(rows_grad, weight).view(x.shape)  # g W
         if ctx.needs_input_grad[1]:  # g^T x: (n, k), the transposed operand read in place (no copy)
             grad_weight = onednn_matmul(rows_grad.t(), x.reshape(-1, x.shape[-1]), torch.empty_like(weight))
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -14,11 +14,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import buffer_pool
+
 
 def heads_last(like: Tensor, n: int | None = None) -> Tensor:
     """An uninitialised (B, H, n, d) tensor like `like` (n defaults to its length), stored as (B, n, H, d)."""
     B, H, length, d = like.shape
-    return like.new_empty(B, length if n is None else n, H, d).transpose(1, 2)
+    return buffer_pool.empty((B, length if n is None else n, H, d), like.dtype, like.device).transpose(1, 2)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -96,7 +96,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import native
-from . import gemm
+from . import buffer_pool, gemm
 from .blocking import pad_mask_to_multiple, pad_to_multiple, split_blocks
 from .feature_maps import FeatureMap, Identity
 from .heads import heads_last
@@ -528,7 +528,7 @@ class _NativeCausalFavor(torch.autograd.Function):
         rows = (query_max, query_arg, key_max, key_arg, key_log_scale)
         chunks = -(-n // chunk_size)
         keep_scores = any(ctx.needs_input_grad) and chunk_size <= _MAX_SAVED_SCORES_CHUNK
-        scores = v.new_empty((B, H, chunks, chunk_size, chunk_size) if keep_scores else (0,))  # (0,): recompute
+        scores = buffer_pool.empty((B, H, chunks, chunk_size, chunk_size) if keep_scores else (0,), v.dtype, v.device)  # (0,): recompute
         onednn = gemm.prefers_onednn(q.dtype, q.device)  # the products' backend (`core.gemm`), kept for backward
         torch.ops.efficient_transformers.favor_causal_forward(
             q, k, v, mask, kv_in.transpose(-1, -2).contiguous(), ref_in.contiguous(), omega, feature_map.epsilon,

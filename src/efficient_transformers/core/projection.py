@@ -35,7 +35,7 @@ class _FusedHeadProjection(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, heads: int):
         B, N, dim = x.shape
         slots = weight.shape[0] // dim
-        fused = gemm.linear(x, weight, bias).view(B, N, slots, heads, dim // heads)  # (B, N, S, H, d)
+        fused = gemm.product(x, weight, bias).view(B, N, slots, heads, dim // heads)  # (B, N, S, H, d)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
