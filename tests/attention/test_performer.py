@@ -124,11 +124,36 @@ def test_generate_greedy_equals_repeated_full_forwards(greedy_by_full_forwards):
         ("orthogonal", "yes", "orthogonal must be a bool"),
         ("redraw_interval", 0, "redraw_interval must be None"),
         ("chunk_size", 0, "chunk_size must be None.*or a positive int"),
+        ("saved_features", "queries", "unknown saved_features 'queries'"),
     ],
 )
 def test_bad_options_are_refused(option, value, words):
     with pytest.raises(ValueError, match=f"performer: {words}"):
         et.build_attention("performer", DIM, HEADS, **{option: value})
+
+
+@pytest.mark.parametrize("features", ["relu", "hyperbolic"])
+def test_saved_features_need_the_native_positive_features(features):
+    assert et.build_attention("performer", DIM, HEADS, features=features).saved_features == "none"
+    with pytest.raises(ValueError, match=f"performer: saved_features='keys' needs features='positive'"):
+        et.build_attention("performer", DIM, HEADS, features=features, saved_features="keys")
+
+
+def test_saved_features_default_to_the_keys_and_reach_the_core(monkeypatch):
+    """Positive features keep the keys' features by default (README: the measured speed and memory);
+    the option reaches kernel_attention unchanged."""
+    import efficient_transformers.attention.performer as performer_module
+
+    seen = []
+    real = performer_module.kernel_attention
+    monkeypatch.setattr(performer_module, "kernel_attention",
+                        lambda *a, **kw: seen.append(kw["saved_features"]) or real(*a, **kw))
+    x = torch.randn(1, 12, DIM)
+    for option, expected in ((None, "keys"), ("none", "none"), ("all", "all")):
+        layer = et.build_attention("performer", DIM, HEADS, nb_features=16, saved_features=option)
+        assert layer.saved_features == expected and f"saved_features={expected}" in repr(layer)
+        layer(x)
+        assert seen[-1] == expected
 
 
 def test_card_follows_the_survey():

@@ -226,3 +226,36 @@ def test_backward_keeps_no_feature_sized_tensor():
         scores = q.numel() // D * chunk if causal and native.available() else 0
         assert sum(saved) <= inputs_and_output + per_row + scores + 4 * 2 * 256 * (D + 1) + 8, \
             f"saved {sum(saved)} numbers (causal={causal})"
+
+
+@pytest.mark.skipif(not native.available(), reason="the native FAVOR+ kernels are not built")
+@pytest.mark.parametrize("causal", [False, True])
+def test_saved_features_keep_exactly_the_features_asked_for(causal):
+    """saved_features="keys" keeps one (B, H, N, m) tensor more than "none" (causal: N rounded up to whole
+    chunks), "all" two; the output is the same either way, and a call without gradients keeps nothing."""
+    feature_map = make_map("positive", m=32).float()
+    n, chunk, m = 100, 16, 32
+    q, k, v = (torch.randn(1, 2, n, D, requires_grad=True) for _ in range(3))
+    rows = -(-n // chunk) * chunk if causal else n
+    counts, outputs = {}, {}
+    for saved_features in ("none", "keys", "all"):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            outputs[saved_features], _ = kernel_attention(q, k, v, feature_map, causal=causal, chunk_size=chunk,
+                                                          segment_size=32, saved_features=saved_features)
+        counts[saved_features] = sum(saved)
+    assert counts["keys"] - counts["none"] == 1 * 2 * rows * m
+    assert counts["all"] - counts["none"] == 2 * 1 * 2 * rows * m
+    assert torch.equal(outputs["none"], outputs["keys"]) and torch.equal(outputs["none"], outputs["all"])
+    with torch.no_grad():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out, _ = kernel_attention(q, k, v, feature_map, causal=causal, chunk_size=chunk, segment_size=32,
+                                      saved_features="all")
+        assert saved == [] and torch.equal(out, outputs["none"])
+
+
+def test_unknown_saved_features_are_refused():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"saved_features must be one of \('none', 'keys', 'all'\), got 'queries'"):
+        kernel_attention(q, k, v, make_map("positive"), saved_features="queries")

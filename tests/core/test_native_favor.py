@@ -52,10 +52,10 @@ def padding(batch, n):
     return mask
 
 
-def run(q, k, v, feature_map, mask, segment, causal=False, chunk=4, state=None):
+def run(q, k, v, feature_map, mask, segment, causal=False, chunk=4, state=None, saved="none"):
     """Outputs and input gradients (and, causal: the final state and the incoming state's gradient)."""
     out, final = kernel_attention(q, k, v, feature_map, key_mask=mask, segment_size=segment, causal=causal,
-                                  chunk_size=chunk, state=state)
+                                  chunk_size=chunk, state=state, saved_features=saved)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
     loss = (out * weights).sum()
     inputs = [q, k, v]
@@ -73,14 +73,16 @@ def test_the_build_succeeds_where_a_compiler_exists():
 
 @pytest.mark.parametrize("dtype,tol,backend", [(torch.float64, 1e-12, "auto"), (torch.float32, 2e-5, "torch"),
                                                (torch.float32, 2e-5, "onednn")])
-@pytest.mark.parametrize("m,segment", [(20, 16), (35, 1024), (64, 7)])  # vector tails; several / one / odd segments
+@pytest.mark.parametrize("m,segment,saved", [(20, 16, "none"), (20, 16, "all"), (35, 1024, "keys"), (64, 7, "none"),
+                                             (64, 7, "keys")])  # vector tails; several / one / odd segments
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, backend, m, segment, masked, causal,
+def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, backend, m, segment, saved, masked, causal,
                                                                monkeypatch):
     """Bidirectional, and causal with chunks of 4 (segments rounded to a multiple: 16, 1024, 4; 50 tokens
     leave a partial last chunk), its final state and a loss on it; the kernels' float32 products on
-    ATen's BLAS and on oneDNN (`core.gemm`; the portable path always runs PyTorch's)."""
+    ATen's BLAS and on oneDNN (`core.gemm`; the portable path always runs PyTorch's); the backward pass
+    recomputing the features or reading the kept key features or query and key features."""
     monkeypatch.setenv("EFT_MATMUL", backend)
     torch.manual_seed(0)
     feature_map = PositiveRandomFeatures(8, m, orthogonal=True).to(dtype)
@@ -88,7 +90,7 @@ def test_native_equals_the_portable_path_outputs_and_gradients(dtype, tol, backe
     mask = padding(3, 50) if masked else None
     seen = OpNames()
     with seen:
-        fast = run(q, k, v, feature_map, mask, segment, causal)
+        fast = run(q, k, v, feature_map, mask, segment, causal, saved=saved)
     prefix = "efficient_transformers::favor_causal_" if causal else "efficient_transformers::favor_"
     assert native_ops(seen.names) == {prefix + "forward", prefix + "backward"}
     with native.portable():
@@ -144,8 +146,8 @@ def test_the_causal_kernel_rejects_saved_scores_of_the_wrong_shape():
             torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n, **f32),
             torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n, **f32)]
     with pytest.raises(RuntimeError, match=r"saved_scores must be empty or a contiguous \(B, H, ceil\(N / C\), C, C\)"):
-        torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 2, C, C), False)  # 3 chunks of 4
-    torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C), False)  # the right shape runs
+        torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 2, C, C), torch.empty(0), torch.empty(0), False)  # 3 chunks of 4
+    torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C), torch.empty(0), torch.empty(0), False)  # the right shape runs
 
 
 def test_large_inputs_and_tied_row_maxima_stay_finite():

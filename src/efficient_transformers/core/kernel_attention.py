@@ -82,7 +82,11 @@ batch, and its scratch is a few (segment, m) matrices of one head, so its peak m
 segment's chunk products as the Python form does and fuses the rows' work and the within-chunk
 weights; when a gradient is needed its forward pass also keeps the weighted within-chunk scores (N C
 numbers per head, for chunks up to 128), so that the backward pass does not redo their product. It is
-about 30 % faster at 16K (1.23x SDPA's memory, against 1.45x). In float32 the kernels' exponentials
+about 30 % faster at 16K (1.23x SDPA's memory, against 1.45x). Both kernels can also keep the
+(B, H, N, m) features of the keys, or of queries and keys, for the backward pass (`saved_features`;
+the Performer keeps the keys' by default): the backward then skips those features' products and
+exponentials, 3-8 % of the 16K train step for N m numbers per head each (README, "Performer's saved
+features"). In float32 the kernels' exponentials
 are ATen's `exp_u20` (within 20 ulp); the Python forms use `torch.exp`. `native.portable()` or
 `EFT_NATIVE=0` runs the Python forms; so does every other map.
 """
@@ -102,6 +106,7 @@ from .feature_maps import FeatureMap, Identity
 from .heads import heads_last
 
 NEG_INF = float("-inf")
+SAVED_FEATURES = ("none", "keys", "all")  # kernel_attention's saved_features: what the native kernels keep
 
 
 @dataclass
@@ -130,12 +135,19 @@ def kernel_attention(
     state: KernelState | None = None,
     chunk_size: int = 64,
     segment_size: int = 1024,
+    saved_features: str = "none",
 ) -> tuple[Tensor, KernelState | None]:
     """Kernel attention on per-head tensors q, k, v (B, H, N, d) -> (out (B, H, N, d), state).
 
     `key_mask` (B, N) bool, True = real key. Causal calls return the state after the last token
-    (continuing from `state` when given); bidirectional calls return None.
+    (continuing from `state` when given); bidirectional calls return None. `saved_features`: which
+    (B, H, N, m) feature tensors the native FAVOR+ kernels keep for the backward pass instead of
+    recomputing them from q and k ("none", "keys" or "all": queries and keys); the portable path
+    always recomputes its features segment by segment.
     """
+    if saved_features not in SAVED_FEATURES:
+        raise ValueError(f"kernel attention: saved_features must be one of {SAVED_FEATURES}, got {saved_features!r}")
+    keep = (saved_features == "all", saved_features in ("keys", "all"))  # (query features, key features)
     if state is not None and not causal:
         raise ValueError("kernel attention: a decoding state was given to a bidirectional call")
     out_dtype = v.dtype
@@ -148,8 +160,10 @@ def kernel_attention(
     # `RandomFeatures.project`; direct maps elementwise; the causal scan of identity maps copies its segments)
     q, k, v = (t.to(compute) for t in (q, k, v))
     if not causal:
-        kernel = _NativeFavorAttention if _native_favor(feature_map, q, k, v) else _BidirectionalKernelAttention
-        out = kernel.apply(q, k, v, key_mask, feature_map, segment_size)
+        if _native_favor(feature_map, q, k, v):
+            out = _NativeFavorAttention.apply(q, k, v, key_mask, feature_map, segment_size, *keep)
+        else:
+            out = _BidirectionalKernelAttention.apply(q, k, v, key_mask, feature_map, segment_size)
         return out.to(out_dtype), None
     B, H, n, d = v.shape
     if state is None:
@@ -158,8 +172,12 @@ def kernel_attention(
     else:
         kv_in, ref_in, length = state.kv.to(compute), state.ref.to(compute), state.length
     segment_size = max(chunk_size, segment_size // chunk_size * chunk_size)  # chunks never straddle segments
-    kernel = _NativeCausalFavor if _native_favor(feature_map, q, k, v) else _CausalKernelAttention
-    out, kv, ref = kernel.apply(q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size)
+    if _native_favor(feature_map, q, k, v):
+        out, kv, ref = _NativeCausalFavor.apply(q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size,
+                                                *keep)
+    else:
+        out, kv, ref = _CausalKernelAttention.apply(q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size,
+                                                    segment_size)
     return out.to(out_dtype), KernelState(kv, ref, length + n)
 
 
@@ -424,12 +442,14 @@ class _NativeFavorAttention(torch.autograd.Function):
     products and stabilisers, one head at a time, each row's elementwise work in one pass after the product
     that made it. Saves, per row, the max and argmax of the features' projections and the keys'
     log-scales (B, H, N numbers each); the backward pass recomputes the features from them, bitwise
-    the forward's. Its scratch is a few (segment, m) matrices of one head, so its peak memory is that
-    of SDPA (measured 1.02-1.04x at 4K-16K; keeping the query features instead of recomputing them
-    was measured too: 1.46x SDPA's memory at 16K for 0-4 % of the step, within the noise)."""
+    the forward's, except those `keep_queries` / `keep_keys` ask to keep: the forward then writes
+    E = exp(P - max) of every row into a (B, H, N, m) tensor saved for the backward pass, which skips
+    their product and exponentials. Its scratch is a few (segment, m) matrices of one head, so with
+    nothing kept its peak memory is that of SDPA (measured 1.02-1.05x at 4K-16K); each kept tensor
+    adds N m numbers per head (README, "Performer's saved features")."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, feature_map, segment_size):
+    def forward(ctx, q, k, v, key_mask, feature_map, segment_size, keep_queries, keep_keys):
         B, H, n, d = v.shape
         omega = feature_map.scaled_omega(q.dtype)  # (m, d)
         out, normaliser = heads_last(v, n), v.new_empty(B, H, n)
@@ -438,6 +458,10 @@ class _NativeFavorAttention(torch.autograd.Function):
         query_arg, key_arg = (torch.empty(B, H, n, dtype=torch.int64) for _ in range(2))
         mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()
         saved = (omega, out, normaliser, kv, log_ref, query_max, query_arg, key_max, key_arg, key_log_scale)
+        grad = any(ctx.needs_input_grad)
+        features = tuple(buffer_pool.empty((B, H, n, omega.shape[0]) if grad and keep else (0,), q.dtype, q.device)
+                         for keep in (keep_queries, keep_keys))  # E = exp(P - max), or (0,): recompute
+        saved = saved + features
         onednn = gemm.prefers_onednn(q.dtype, q.device)  # the products' backend (`core.gemm`), kept for backward
         torch.ops.efficient_transformers.favor_forward(q, k, v, mask, omega, feature_map.epsilon, segment_size, *saved[1:],
                                                        onednn)
@@ -448,13 +472,14 @@ class _NativeFavorAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, omega, *saved = ctx.saved_tensors
+        q, k, v, omega, *saved, query_features, key_features = ctx.saved_tensors
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = heads_last(q), heads_last(k), heads_last(v)  # see `core.heads`
         torch.ops.efficient_transformers.favor_backward(q, k, v, omega, ctx.epsilon, ctx.segment_size, *saved,
-                                                        grad_out, grad_q, grad_k, grad_v, ctx.onednn)
-        return grad_q, grad_k, grad_v, None, None, None
+                                                        grad_out, grad_q, grad_k, grad_v, query_features, key_features,
+                                                        ctx.onednn)
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- causal
@@ -508,10 +533,13 @@ class _NativeCausalFavor(torch.autograd.Function):
     the state entering each segment) plus, per row, the features' max and argmax and the keys'
     log-scales (B, H, N numbers each), and, when a gradient is needed, the weighted within-chunk scores
     (B, H, N / C, C, C: as much memory as q at C = d; only for C <= 128), which the backward pass would
-    otherwise recompute with one more chunk product (measured: about 4 % of the 16K train step)."""
+    otherwise recompute with one more chunk product (measured: about 4 % of the 16K train step), and
+    the features phi = E + eps of the keys (`keep_keys`) and queries (`keep_queries`) when asked,
+    (B, H, ceil(N / C) C, m) each (padding rows zero), whose products and exponentials the backward
+    pass then skips."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size):
+    def forward(ctx, q, k, v, key_mask, kv_in, ref_in, feature_map, chunk_size, segment_size, keep_queries, keep_keys):
         B, H, n, d = v.shape
         omega = feature_map.scaled_omega(q.dtype)  # (m, d)
         segment = min(segment_size, -(-n // chunk_size) * chunk_size)  # as the kernel caps it
@@ -529,11 +557,14 @@ class _NativeCausalFavor(torch.autograd.Function):
         chunks = -(-n // chunk_size)
         keep_scores = any(ctx.needs_input_grad) and chunk_size <= _MAX_SAVED_SCORES_CHUNK
         scores = buffer_pool.empty((B, H, chunks, chunk_size, chunk_size) if keep_scores else (0,), v.dtype, v.device)  # (0,): recompute
+        grad = any(ctx.needs_input_grad)
+        features = tuple(buffer_pool.empty((B, H, chunks * chunk_size, m) if grad and keep else (0,), v.dtype, v.device)
+                         for keep in (keep_queries, keep_keys))  # phi = E + eps, or (0,): recompute
         onednn = gemm.prefers_onednn(q.dtype, q.device)  # the products' backend (`core.gemm`), kept for backward
         torch.ops.efficient_transformers.favor_causal_forward(
             q, k, v, mask, kv_in.transpose(-1, -2).contiguous(), ref_in.contiguous(), omega, feature_map.epsilon,
-            chunk_size, segment_size, *saved, kv_out, ref_out, *rows, scores, onednn)
-        ctx.save_for_backward(q, k, v, omega, *saved, *rows, scores)  # padding is in the keys' log-scales (-inf)
+            chunk_size, segment_size, *saved, kv_out, ref_out, *rows, scores, *features, onednn)
+        ctx.save_for_backward(q, k, v, omega, *saved, *rows, scores, *features)  # padding is in the keys' log-scales (-inf)
         ctx.epsilon, ctx.chunk_size, ctx.segment_size = feature_map.epsilon, chunk_size, segment_size
         ctx.onednn = onednn
         ctx.mark_non_differentiable(ref_out)
@@ -542,7 +573,7 @@ class _NativeCausalFavor(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_kv_out, _grad_ref):
-        q, k, v, omega, *saved, scores = ctx.saved_tensors
+        q, k, v, omega, *saved, scores, query_features, key_features = ctx.saved_tensors
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         B, H, n, d = v.shape
@@ -552,9 +583,9 @@ class _NativeCausalFavor(torch.autograd.Function):
         grad_kv_in = torch.empty_like(grad_kv_out)
         torch.ops.efficient_transformers.favor_causal_backward(
             q, k, v, omega, ctx.epsilon, ctx.chunk_size, ctx.segment_size, *saved, grad_out, grad_kv_out,
-            grad_q, grad_k, grad_v, grad_kv_in, scores, ctx.onednn)
+            grad_q, grad_k, grad_v, grad_kv_in, scores, query_features, key_features, ctx.onednn)
         grad_kv_in = grad_kv_in.transpose(-1, -2) if ctx.needs_input_grad[4] else None  # (B, H, m, d + 1)
-        return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None
+        return grad_q, grad_k, grad_v, None, grad_kv_in, None, None, None, None, None, None
 
 
 @dataclass

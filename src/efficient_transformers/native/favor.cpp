@@ -33,8 +33,10 @@ template <typename T>
 void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
                   const Tensor& omega, T eps, int64_t segment_size, const Tensor& out, const Tensor& normaliser,
                   const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
-                  const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Gemm& gemm) {
+                  const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale,
+                  const Tensor& query_features, const Tensor& key_features, const Gemm& gemm) {
   const Geometry g = geometry(q, omega, segment_size);
+  const bool keep_queries = query_features.numel() > 0, keep_keys = key_features.numel() > 0;
   const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
   const T norm_scale = T(0.5) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();  // (d, m)
@@ -57,7 +59,8 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     T ref = negative_infinity<T>();
     for (int64_t s = 0; s < N; s += S) {
       const int64_t n = std::min(S, N - s);
-      Tensor Ps = P.narrow(0, 0, n), V1s = V1.narrow(0, 0, n);
+      Tensor Ps = keep_keys ? key_features.select(0, b).select(0, h).narrow(0, s, n) : P.narrow(0, 0, n);
+      Tensor V1s = V1.narrow(0, 0, n);
       key_log_norms<T>(kh.narrow(0, s, n), norm_scale, klog + s);  // first: brings the rows into cache
       gemm(Ps, kh.narrow(0, s, n), omega_t);  // (n, m)
       key_rows<T>(Ps, mask ? mask + s : nullptr, kmax + s, karg + s, klog + s, false);
@@ -85,7 +88,8 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     const int64_t out_stride = outh.stride(0);
     for (int64_t s = 0; s < N; s += S) {
       const int64_t n = std::min(S, N - s);
-      Tensor Ps = P.narrow(0, 0, n), O1 = out1.narrow(0, 0, n);
+      Tensor Ps = keep_queries ? query_features.select(0, b).select(0, h).narrow(0, s, n) : P.narrow(0, 0, n);
+      Tensor O1 = out1.narrow(0, 0, n);
       gemm(Ps, qh.narrow(0, s, n), omega_t);
       T* p = Ps.data_ptr<T>();
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -114,8 +118,10 @@ template <typename T>
 void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& omega, T eps, int64_t segment_size, const Tensor& out, const Tensor& normaliser,
                    const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
                    const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Tensor& grad_out,
-                   const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Gemm& gemm) {
+                   const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& query_features,
+                   const Tensor& key_features, const Gemm& gemm) {
   const Geometry g = geometry(q, omega, segment_size);
+  const bool queries_given = query_features.numel() > 0, keys_given = key_features.numel() > 0;
   const int64_t d = g.d, m = g.m, N = g.N, S = g.segment;
   const Tensor omega_t = omega.t();
   auto options = q.options();
@@ -140,15 +146,16 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     const T* norm = normaliser.data_ptr<T>() + row0;
     for (int64_t s = 0; s < N; s += S) {
       const int64_t n = std::min(S, N - s);
-      Tensor Ps = P.narrow(0, 0, n), G1 = rows1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
-      gemm(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
+      Tensor Ps = queries_given ? query_features.select(0, b).select(0, h).narrow(0, s, n) : P.narrow(0, 0, n);
+      Tensor G1 = rows1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
+      if (!queries_given) gemm(Ps, qh.narrow(0, s, n), omega_t);  // recomputed features: bitwise the forward's
       T* p = Ps.data_ptr<T>();
       T* g1 = G1.data_ptr<T>();
       const T* outp = outh.data_ptr<T>() + s * outh.stride(0);
       const T* gop = gouth.data_ptr<T>() + s * gouth.stride(0);
       at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          exp_shifted(p + i * m, m, qmax[s + i]);  // with the forward's max
+          if (!queries_given) exp_shifted(p + i * m, m, qmax[s + i]);  // with the forward's max
           const T z = norm[s + i];
           T* row = g1 + i * (d + 1);
           const T* go = gop + i * gouth.stride(0);
@@ -191,10 +198,12 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     T* klog = key_log_scale.data_ptr<T>() + row0;
     for (int64_t s = 0; s < N; s += S) {
       const int64_t n = std::min(S, N - s);
-      Tensor Ps = P.narrow(0, 0, n), V1 = rows1.narrow(0, 0, n), PG = products1.narrow(0, 0, n);
-      Tensor GP = grad_phi.narrow(0, 0, n);
-      gemm(Ps, kh.narrow(0, s, n), omega_t);
-      key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
+      Tensor Ps = keys_given ? key_features.select(0, b).select(0, h).narrow(0, s, n) : P.narrow(0, 0, n);
+      Tensor V1 = rows1.narrow(0, 0, n), PG = products1.narrow(0, 0, n), GP = grad_phi.narrow(0, 0, n);
+      if (!keys_given) {
+        gemm(Ps, kh.narrow(0, s, n), omega_t);
+        key_rows<T>(Ps, nullptr, kmax + s, karg + s, klog + s, true);
+      }
       weighted_values<T>(V1, vh.narrow(0, s, n), klog + s, ref, weights.data_ptr<T>());
       gemm(PG, Ps, grad_kv.t());  // (n, d + 1): E grad_kv
       T* pg = PG.data_ptr<T>();
@@ -224,23 +233,41 @@ void backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   });
 }
 
+// Features kept for the backward pass (E = exp(P - max), without the eps): empty (recompute them) or
+// (B, H, N, m), contiguous, q's dtype
+void check_features(const Tensor& q, const Tensor& omega, const Tensor& features, const char* name) {
+  if (features.numel() == 0) return;
+  const std::vector<int64_t> expected{q.size(0), q.size(1), q.size(2), omega.size(0)};
+  TORCH_CHECK(features.sizes() == at::IntArrayRef(expected) && features.is_contiguous() &&
+                  features.scalar_type() == q.scalar_type(),
+              "favor: ", name, " must be empty or a contiguous (B, H, N, m) tensor of q's dtype, got ", features.sizes());
+}
+
 void favor_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
                    const Tensor& omega, double eps, int64_t segment, const Tensor& out, const Tensor& normaliser,
                    const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
-                   const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, bool onednn) {
+                   const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale,
+                   const Tensor& query_features, const Tensor& key_features, bool onednn) {
+  check_features(q, omega, query_features, "query_features");
+  check_features(q, omega, key_features, "key_features");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_forward", [&] {
     forward_impl<scalar_t>(q, k, v, key_mask, omega, static_cast<scalar_t>(eps), segment, out, normaliser, kv, log_ref,
-                           query_max, query_arg, key_max, key_arg, key_log_scale, Gemm(onednn));
+                           query_max, query_arg, key_max, key_arg, key_log_scale, query_features, key_features,
+                           Gemm(onednn));
   });
 }
 
 void favor_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& omega, double eps, int64_t segment, const Tensor& out, const Tensor& normaliser,
                     const Tensor& kv, const Tensor& log_ref, const Tensor& query_max, const Tensor& query_arg,
                     const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale, const Tensor& grad_out,
-                    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, bool onednn) {
+                    const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& query_features,
+                    const Tensor& key_features, bool onednn) {
+  check_features(q, omega, query_features, "query_features");
+  check_features(q, omega, key_features, "key_features");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_backward", [&] {
     backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), segment, out, normaliser, kv, log_ref,
-                            query_max, query_arg, key_max, key_arg, key_log_scale, grad_out, grad_q, grad_k, grad_v, Gemm(onednn));
+                            query_max, query_arg, key_max, key_arg, key_log_scale, grad_out, grad_q, grad_k, grad_v,
+                            query_features, key_features, Gemm(onednn));
   });
 }
 

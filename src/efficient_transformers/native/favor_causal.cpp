@@ -25,32 +25,32 @@ namespace {
 
 using namespace eft_native;
 
-// rows [0, n) of P (stride m): P <- E = exp(P - max), phi <- E + eps; the max and argmax computed
-// (forward) or given (the backward pass's recomputation: bitwise the forward's)
+// rows [0, n) of P (stride m) in place: P <- phi = exp(P - max) + eps; the max and argmax computed (forward)
+// or given (the backward pass's recomputation: bitwise the forward's)
 template <typename T>
-void feature_rows(T* P, T* phi, int64_t n, int64_t m, T eps, T* maxima, int64_t* args, bool given) {
+void feature_rows(T* P, int64_t n, int64_t m, T eps, T* maxima, int64_t* args, bool given) {
   using V = at::vec::Vectorized<T>;
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = P + i * m;
       if (!given) row_max(row, m, maxima[i], args[i]);
       exp_shifted(row, m, maxima[i]);
-      T* out = phi + i * m;
       int64_t f = 0;
-      for (; f + V::size() <= m; f += V::size()) (V::loadu(row + f) + V(eps)).store(out + f);
-      for (; f < m; ++f) out[f] = row[f] + eps;
+      for (; f + V::size() <= m; f += V::size()) (V::loadu(row + f) + V(eps)).store(row + f);
+      for (; f < m; ++f) row[f] += eps;
     }
   });
 }
 
-// grad <- grad * e with the epsilon term at the row's max; returns (sum_f grad, sum_f grad * e) of the input grad
+// grad <- grad * (e - shift) (e - shift = E: the features phi less eps) with the epsilon term at the row's max;
+// returns (sum_f grad, sum_f grad * E) of the input grad
 template <typename T>
-inline std::pair<T, T> through_exp_sums(T* grad, const T* e, int64_t m, int64_t arg, T eps) {
+inline std::pair<T, T> through_exp_sums(T* grad, const T* e, int64_t m, int64_t arg, T eps, T shift) {
   using V = at::vec::Vectorized<T>;
   V sum(T(0)), weighted(T(0));
   int64_t f = 0;
   for (; f + V::size() <= m; f += V::size()) {
-    const V g = V::loadu(grad + f), ge = g * V::loadu(e + f);
+    const V g = V::loadu(grad + f), ge = g * (V::loadu(e + f) - V(shift));
     sum = sum + g;
     weighted = weighted + ge;
     ge.store(grad + f);
@@ -58,7 +58,7 @@ inline std::pair<T, T> through_exp_sums(T* grad, const T* e, int64_t m, int64_t 
   T s = lane_sum(sum), w = lane_sum(weighted);
   for (; f < m; ++f) {
     s += grad[f];
-    grad[f] *= e[f];
+    grad[f] *= e[f] - shift;
     w += grad[f];
   }
   grad[arg] += eps * s;
@@ -68,11 +68,11 @@ inline std::pair<T, T> through_exp_sums(T* grad, const T* e, int64_t m, int64_t 
 template <typename T>
 struct Segment {  // one head's scratch for a segment of up to S rows (nc_max chunks of C)
   int64_t S, C, m, d;
-  Tensor Eq, PHq, Ek, PHk, V1, V1w, summaries, states, scores, within, out1, inter;
+  Tensor PHq, PHk, V1, V1w, summaries, states, scores, within, out1, inter;  // PH: the features phi = E + eps
   std::vector<T> running, key_weights, row_scale, chunk_start, chunk_end, decay;
   Segment(int64_t S_, int64_t C_, int64_t m_, int64_t d_, const at::TensorOptions& o) : S(S_), C(C_), m(m_), d(d_) {
     const int64_t nc = S / C;
-    for (Tensor* t : {&Eq, &PHq, &Ek, &PHk}) *t = at::empty({S, m}, o);
+    for (Tensor* t : {&PHq, &PHk}) *t = at::empty({S, m}, o);
     for (Tensor* t : {&V1, &V1w, &out1, &inter}) *t = at::empty({S, d + 1}, o);
     summaries = at::empty({nc, d + 1, m}, o);  // states and summaries transposed: the faster product layouts
     states = at::empty({nc, d + 1, m}, o);
@@ -94,19 +94,27 @@ template <typename T>
 T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor& vh, const bool* mask, int64_t s0,
                  int64_t L, const Tensor& omega_t, T eps, T norm_scale, const T* S_in, T R_in, T* S_out,
                  T* qmax, int64_t* qarg, T* kmax, int64_t* karg, T* klog, bool given, const Tensor& scores,
-                 bool scores_given, const Gemm& gemm) {
+                 bool scores_given, const Tensor& PHq, bool queries_given, const Tensor& PHk, bool keys_given,
+                 const Gemm& gemm) {
   const int64_t C = w.C, m = w.m, d = w.d, nc = (L + C - 1) / C, Lp = nc * C, width = m * (d + 1);
-  // features; padded rows (L .. Lp) are zeros and carry g = -inf
-  Tensor Eq = w.Eq.narrow(0, 0, L), Ek = w.Ek.narrow(0, 0, L);
-  gemm(Eq, qh.narrow(0, s0, L), omega_t);
-  feature_rows(Eq.data_ptr<T>(), w.PHq.template data_ptr<T>(), L, m, eps, qmax, qarg, given);
+  // features phi = exp(P - max) + eps, in place of the projections P; padded rows (L .. Lp) are zeros and
+  // carry g = -inf
+  if (!queries_given) {
+    Tensor target = PHq.narrow(0, 0, L);
+    gemm(target, qh.narrow(0, s0, L), omega_t);
+    feature_rows(target.data_ptr<T>(), L, m, eps, qmax, qarg, given);
+  }
   if (!given) key_log_norms<T>(kh.narrow(0, s0, L), norm_scale, klog);
-  gemm(Ek, kh.narrow(0, s0, L), omega_t);
-  feature_rows(Ek.data_ptr<T>(), w.PHk.template data_ptr<T>(), L, m, eps, kmax, karg, given);
+  if (!keys_given) {
+    Tensor target = PHk.narrow(0, 0, L);
+    gemm(target, kh.narrow(0, s0, L), omega_t);
+    feature_rows(target.data_ptr<T>(), L, m, eps, kmax, karg, given);
+  }
   if (!given)
     for (int64_t j = 0; j < L; ++j) klog[j] = (mask && !mask[j]) ? negative_infinity<T>() : kmax[j] + klog[j];
   if (Lp > L) {
-    for (Tensor* t : {&w.PHq, &w.PHk, &w.Eq, &w.Ek}) t->narrow(0, L, Lp - L).zero_();
+    if (!queries_given) PHq.narrow(0, L, Lp - L).zero_();
+    if (!keys_given) PHk.narrow(0, L, Lp - L).zero_();
   }
   auto g = [&](int64_t j) { return j < L ? klog[j] : negative_infinity<T>(); };
   // scan weights
@@ -145,7 +153,7 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
   }
   // chunk summaries T_c and the states entering each chunk
   Tensor summaries = w.summaries.narrow(0, 0, nc), states = w.states.narrow(0, 0, nc);
-  gemm(summaries, w.chunks(w.V1w, nc).transpose(1, 2), w.chunks(w.PHk, nc));  // (nc, d + 1, m): T_c^T
+  gemm(summaries, w.chunks(w.V1w, nc).transpose(1, 2), w.chunks(PHk, nc));  // (nc, d + 1, m): T_c^T
   const T* tp = summaries.data_ptr<T>();
   T* sp = states.data_ptr<T>();
   std::copy(S_in, S_in + width, sp);
@@ -177,7 +185,7 @@ T segment_pieces(Segment<T>& w, const Tensor& qh, const Tensor& kh, const Tensor
   });
   if (!scores_given) {
     Tensor target = scores;
-    gemm(target, w.chunks(w.PHq, nc), w.chunks(w.PHk, nc).transpose(1, 2));  // (nc, C, C)
+    gemm(target, w.chunks(PHq, nc), w.chunks(PHk, nc).transpose(1, 2));  // (nc, C, C)
     target.mul_(w.within.narrow(0, 0, nc));
   }
   return nc > 0 ? w.chunk_end[nc - 1] : R_in;
@@ -189,9 +197,12 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
                          int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
                          const Tensor& entry_ref, const Tensor& kv_out, const Tensor& ref_out, const Tensor& query_max,
                          const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
-                         const Tensor& key_log_scale, const Tensor& saved_scores, const Gemm& gemm) {
+                         const Tensor& key_log_scale, const Tensor& saved_scores, const Tensor& saved_queries,
+                         const Tensor& saved_keys, const Gemm& gemm) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
   const bool save_scores = saved_scores.numel() > 0;  // (B, H, chunks, C, C) for the backward pass, or empty
+  const bool save_queries = saved_queries.numel() > 0;  // (B, H, chunks C, m): the query features, or empty
+  const bool save_keys = saved_keys.numel() > 0;  // the same for the keys
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1);
   const T norm_scale = T(0.5) / std::sqrt(T(d));
   const Tensor omega_t = omega.t();
@@ -210,13 +221,15 @@ void causal_forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, cons
       std::vector<T> next(width);
       const Tensor scores = save_scores ? saved_scores.select(0, b).select(0, h).narrow(0, s0 / C, nc)
                                         : w.scores.narrow(0, 0, nc);
+      const Tensor PHq = save_queries ? saved_queries.select(0, b).select(0, h).narrow(0, s0, nc * C) : w.PHq;
+      const Tensor PHk = save_keys ? saved_keys.select(0, b).select(0, h).narrow(0, s0, nc * C) : w.PHk;
       const T next_ref = segment_pieces<T>(
           w, qh, kh, vh, mask_all ? mask_all + b * N + s0 : nullptr, s0, L, omega_t, eps, norm_scale, state.data(),
           ref, next.data(), query_max.data_ptr<T>() + row0 + s0, query_arg.data_ptr<int64_t>() + row0 + s0,
           key_max.data_ptr<T>() + row0 + s0, key_arg.data_ptr<int64_t>() + row0 + s0,
-          key_log_scale.data_ptr<T>() + row0 + s0, false, scores, false, gemm);
+          key_log_scale.data_ptr<T>() + row0 + s0, false, scores, false, PHq, false, PHk, false, gemm);
       Tensor inter = w.chunks(w.inter, nc), out1 = w.chunks(w.out1, nc);
-      gemm(inter, w.chunks(w.PHq, nc), w.states.narrow(0, 0, nc).transpose(1, 2));  // (nc, C, d + 1): phi_q S_c
+      gemm(inter, w.chunks(PHq, nc), w.states.narrow(0, 0, nc).transpose(1, 2));  // (nc, C, d + 1): phi_q S_c
       gemm(out1, scores, w.chunks(w.V1, nc));  // within the chunks
       const T* ip = w.inter.template data_ptr<T>();
       const T* op = w.out1.template data_ptr<T>();
@@ -249,8 +262,10 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
                           const Tensor& key_max, const Tensor& key_arg, const Tensor& key_log_scale,
                           const Tensor& grad_out, const Tensor& grad_kv_out, const Tensor& grad_q, const Tensor& grad_k,
                           const Tensor& grad_v, const Tensor& grad_kv_in, const Tensor& saved_scores,
-                          const Gemm& gemm) {
+                          const Tensor& saved_queries, const Tensor& saved_keys, const Gemm& gemm) {
   const bool scores_given = saved_scores.numel() > 0;  // the forward's weighted scores, or recompute them
+  const bool queries_given = saved_queries.numel() > 0;  // the forward's query features, or recompute them
+  const bool keys_given = saved_keys.numel() > 0;  // the same for the keys
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), m = omega.size(0);
   const int64_t C = chunk, S = segment, segments = (N + S - 1) / S, width = m * (d + 1), nc_max = S / C;
   const T norm_scale = T(0.5) / std::sqrt(T(d));
@@ -279,11 +294,13 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       T* klog = key_log_scale.data_ptr<T>() + row0 + s0;
       const Tensor scores = scores_given ? saved_scores.select(0, b).select(0, h).narrow(0, s0 / C, nc)
                                          : w.scores.narrow(0, 0, nc);
+      const Tensor PHq = queries_given ? saved_queries.select(0, b).select(0, h).narrow(0, s0, Lp) : w.PHq;
+      const Tensor PHk = keys_given ? saved_keys.select(0, b).select(0, h).narrow(0, s0, Lp) : w.PHk;
       segment_pieces<T>(w, qh, kh, vh, nullptr, s0, L, omega_t, eps, norm_scale,
                         entry_kv.data_ptr<T>() + (head * segments + si) * width,
                         entry_ref.data_ptr<T>()[head * segments + si], exit_state.data(), const_cast<T*>(qmax),
                         const_cast<int64_t*>(qarg), const_cast<T*>(kmax), const_cast<int64_t*>(karg), klog, true,
-                        scores, scores_given, gemm);
+                        scores, scores_given, PHq, queries_given, PHk, keys_given, gemm);
       // d loss / d out1 (padded rows: zeros) and its row-scaled copy
       T* g1 = G1.data_ptr<T>();
       T* sc = scaled.data_ptr<T>();
@@ -312,7 +329,7 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
         }
       });
       Tensor G1c = w.chunks(G1, nc), scaledc = w.chunks(scaled, nc);
-      Tensor PHqc = w.chunks(w.PHq, nc), PHkc = w.chunks(w.PHk, nc);
+      Tensor PHqc = w.chunks(PHq, nc), PHkc = w.chunks(PHk, nc);
       Tensor GPqc = w.chunks(GPq, nc), GPkc = w.chunks(GPk, nc), GV1c = w.chunks(GV1, nc);
       Tensor states = w.states.narrow(0, 0, nc), gstates = grad_states.narrow(0, 0, nc);
       Tensor gsumm = grad_summaries.narrow(0, 0, nc), gscores = grad_scores.narrow(0, 0, nc);
@@ -342,15 +359,16 @@ void causal_backward_impl(const Tensor& q, const Tensor& k, const Tensor& v, con
       // through the feature maps, and d loss / d v
       T* gpq = GPq.data_ptr<T>();
       T* gpk = GPk.data_ptr<T>();
-      const T* eq = w.Eq.template data_ptr<T>();
-      const T* ek = w.Ek.template data_ptr<T>();
+      // E = exp(P - max) = phi - eps, from the recomputed or the kept features
+      const T* eq = PHq.template data_ptr<T>();
+      const T* ek = PHk.template data_ptr<T>();
       const T* gv1 = GV1.data_ptr<T>();
       const T* thr = through.data_ptr<T>();
       T* gvp = gvh.data_ptr<T>() + s0 * gvh.stride(0);
       at::parallel_for(0, L, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          through_exp_sums(gpq + i * m, eq + i * m, m, qarg[i], eps);
-          const auto sums = through_exp_sums(gpk + i * m, ek + i * m, m, karg[i], eps);
+          through_exp_sums(gpq + i * m, eq + i * m, m, qarg[i], eps, eps);
+          const auto sums = through_exp_sums(gpk + i * m, ek + i * m, m, karg[i], eps, eps);
           grad_norm[i] = sums.second + eps * sums.first;  // sum_f d loss / d phi_f phi_f
           T* gv = gvp + i * gvh.stride(0);
           const bool padded = klog[i] == negative_infinity<T>();
@@ -377,19 +395,34 @@ void check_saved_scores(const Tensor& q, int64_t chunk, const Tensor& scores) {
               scores.sizes());
 }
 
+// Query or key features kept for the backward pass (phi = E + eps): empty (recompute them) or
+// (B, H, ceil(N / C) C, m), contiguous, q's dtype
+void check_saved_features(const Tensor& q, const Tensor& omega, int64_t chunk, const Tensor& features,
+                          const char* name) {
+  if (features.numel() == 0) return;
+  const std::vector<int64_t> expected{q.size(0), q.size(1), (q.size(2) + chunk - 1) / chunk * chunk, omega.size(0)};
+  TORCH_CHECK(features.sizes() == at::IntArrayRef(expected) && features.is_contiguous() &&
+                  features.scalar_type() == q.scalar_type(),
+              "favor_causal: ", name, " must be empty or a contiguous (B, H, ceil(N / C) C, m) tensor of q's dtype, got ",
+              features.sizes());
+}
+
 void favor_causal_forward(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask,
                           const Tensor& kv_in, const Tensor& ref_in, const Tensor& omega, double eps, int64_t chunk,
                           int64_t segment, const Tensor& out, const Tensor& normaliser, const Tensor& entry_kv,
                           const Tensor& entry_ref, const Tensor& kv_out, const Tensor& ref_out, const Tensor& query_max,
                           const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
-                          const Tensor& key_log_scale, const Tensor& saved_scores, bool onednn) {
+                          const Tensor& key_log_scale, const Tensor& saved_scores, const Tensor& saved_queries,
+                          const Tensor& saved_keys, bool onednn) {
   TORCH_CHECK(chunk > 0 && segment % chunk == 0, "favor_causal: the segment must be a multiple of the chunk");
   check_saved_scores(q, chunk, saved_scores);
+  check_saved_features(q, omega, chunk, saved_queries, "saved_queries");
+  check_saved_features(q, omega, chunk, saved_keys, "saved_keys");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_forward", [&] {
     causal_forward_impl<scalar_t>(q, k, v, key_mask, kv_in, ref_in, omega, static_cast<scalar_t>(eps), chunk,
                                   std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out, normaliser,
                                   entry_kv, entry_ref, kv_out, ref_out, query_max, query_arg, key_max, key_arg,
-                                  key_log_scale, saved_scores, Gemm(onednn));
+                                  key_log_scale, saved_scores, saved_queries, saved_keys, Gemm(onednn));
   });
 }
 
@@ -399,14 +432,17 @@ void favor_causal_backward(const Tensor& q, const Tensor& k, const Tensor& v, co
                            const Tensor& query_arg, const Tensor& key_max, const Tensor& key_arg,
                            const Tensor& key_log_scale, const Tensor& grad_out, const Tensor& grad_kv_out,
                            const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v, const Tensor& grad_kv_in,
-                           const Tensor& saved_scores, bool onednn) {
+                           const Tensor& saved_scores, const Tensor& saved_queries, const Tensor& saved_keys,
+                           bool onednn) {
   check_saved_scores(q, chunk, saved_scores);
+  check_saved_features(q, omega, chunk, saved_queries, "saved_queries");
+  check_saved_features(q, omega, chunk, saved_keys, "saved_keys");
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_causal_backward", [&] {
     causal_backward_impl<scalar_t>(q, k, v, omega, static_cast<scalar_t>(eps), chunk,
                                    std::min<int64_t>(segment, (q.size(2) + chunk - 1) / chunk * chunk), out,
                                    normaliser, entry_kv, entry_ref, query_max, query_arg, key_max, key_arg,
                                    key_log_scale, grad_out, grad_kv_out, grad_q, grad_k, grad_v, grad_kv_in,
-                                   saved_scores, Gemm(onednn));
+                                   saved_scores, saved_queries, saved_keys, Gemm(onednn));
   });
 }
 
