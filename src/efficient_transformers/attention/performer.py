@@ -41,7 +41,7 @@ FAVOR+ feature; 1e-3 for ReLU), which keeps normalisers away from 0 and gradient
 Memory: the backward pass recomputes the features one segment at a time (activation checkpointing),
 except those `saved_features` keeps: with "none", m = 256 features cost no more memory than the N x d
 inputs; the default "keys" adds the keys' N x m features (measured peak at 16K tokens, dim 256,
-4 heads: 1.48x SDPA's bidirectional, 1.70x causal; "none": 1.05x and 1.28x).
+4 heads: 1.48x SDPA's bidirectional, 1.70-1.72x causal; "none": 1.05x and 1.27-1.29x).
 
 Speed: FAVOR+ ("positive") on CPU runs native kernels, compiled on first use
 (`efficient_transformers.native`; about 10 s once, then cached): the same computation with each row's

@@ -77,17 +77,16 @@ row's max, argmax and exp(P - max) (and, backwards, its gradient through the exp
 term, which goes to the row's first maximal feature: a subgradient of the max) in one pass right
 after the product that made the row. It equals `_BidirectionalKernelAttention` to rounding (tests:
 float64 1e-12, float32 2e-5 relative), is 15-20 % faster at 16K tokens and 1.2-2x at small N with a
-batch, and its scratch is a few (segment, m) matrices of one head, so its peak memory is SDPA's
-(1.02-1.04x measured at 4K-16K, against 1.2-1.9x for the Python form). The causal kernel batches each
+batch, and its scratch is a few (segment, m) matrices of one head, so with no features kept its peak
+memory is SDPA's (1.02-1.05x measured at 4K-16K, against 1.2-1.9x for the Python form). The causal kernel batches each
 segment's chunk products as the Python form does and fuses the rows' work and the within-chunk
 weights; when a gradient is needed its forward pass also keeps the weighted within-chunk scores (N C
 numbers per head, for chunks up to 128), so that the backward pass does not redo their product. It is
-about 30 % faster at 16K (1.23x SDPA's memory, against 1.45x). Both kernels can also keep the
+about 30 % faster at 16K (1.23-1.28x SDPA's memory with no features kept, against 1.45x). Both kernels can also keep the
 (B, H, N, m) features of the keys, or of queries and keys, for the backward pass (`saved_features`;
 the Performer keeps the keys' by default): the backward then skips those features' products and
-exponentials, 3-8 % of the 16K train step for N m numbers per head each (README, "Performer's saved
-features"). In float32 the kernels' exponentials
-are ATen's `exp_u20` (within 20 ulp); the Python forms use `torch.exp`. `native.portable()` or
+exponentials, 3-12 % of the 16K train step for N m numbers per head each (README, "Performer's saved
+features"). In float32 the kernels' exponentials are ATen's `exp_u20` (within 20 ulp); the Python forms use `torch.exp`. `native.portable()` or
 `EFT_NATIVE=0` runs the Python forms; so does every other map.
 """
 
