@@ -148,6 +148,31 @@ def test_the_causal_kernel_rejects_saved_scores_of_the_wrong_shape():
     with pytest.raises(RuntimeError, match=r"saved_scores must be empty or a contiguous \(B, H, ceil\(N / C\), C, C\)"):
         torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 2, C, C), torch.empty(0), torch.empty(0), False)  # 3 chunks of 4
     torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C), torch.empty(0), torch.empty(0), False)  # the right shape runs
+    with pytest.raises(RuntimeError, match=r"saved_keys must be empty or a contiguous \(B, H, ceil\(N / C\) C, m\)"):
+        torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C), torch.empty(0),
+                                                              torch.empty(B, H, n, m), False)  # N, not 12 rows
+    torch.ops.efficient_transformers.favor_causal_forward(*args, torch.empty(B, H, 3, C, C), torch.empty(B, H, 12, m),
+                                                          torch.empty(B, H, 12, m), False)
+
+
+def test_the_bidirectional_kernel_rejects_kept_features_of_the_wrong_shape():
+    """The op checks its feature buffers: empty (recompute) or (B, H, N, m), contiguous."""
+    torch.manual_seed(0)
+    feature_map = PositiveRandomFeatures(8, 24, orthogonal=True)
+    q, k, v = inputs(torch.float32, batch=1, n=10)
+    kernel_attention(q, k, v, feature_map)  # builds the kernels
+    B, H, n, d = q.shape
+    m = 24
+    args = [q.detach(), k.detach(), v.detach(), None, feature_map.scaled_omega(torch.float32), 1e-6, 8,
+            torch.empty(B, n, H, d).transpose(1, 2), torch.empty(B, H, n), torch.empty(B, H, d + 1, m),
+            torch.empty(B, H), torch.empty(B, H, n), torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n),
+            torch.empty(B, H, n, dtype=torch.int64), torch.empty(B, H, n)]
+    with pytest.raises(RuntimeError, match=r"key_features must be empty or a contiguous \(B, H, N, m\)"):
+        torch.ops.efficient_transformers.favor_forward(*args, torch.empty(0), torch.empty(B, H, n, m + 1), False)
+    with pytest.raises(RuntimeError, match=r"query_features must be empty or a contiguous \(B, H, N, m\)"):
+        torch.ops.efficient_transformers.favor_forward(*args, torch.empty(B, H, m, n).transpose(-1, -2),
+                                                       torch.empty(0), False)  # not contiguous
+    torch.ops.efficient_transformers.favor_forward(*args, torch.empty(B, H, n, m), torch.empty(B, H, n, m), False)
 
 
 def test_large_inputs_and_tied_row_maxima_stay_finite():

@@ -32,7 +32,10 @@ Options (the paper's):
   (the keys' features, N m numbers per head: a 16K train step 3-8 % faster), "none" (recompute
   both: the least memory), "all" (queries and keys: 7-12 % faster, but over 2x SDPA's memory at
   16K); "hyperbolic" and "relu" run the portable path, which always recomputes, and refuse anything
-  but None and "none". Measured figures: README, "Performer's saved features".
+  but None and "none". Where the native kernels do not run (not a CPU, `EFT_NATIVE=0`, no compiler)
+  positive features take the portable path too and recompute whatever this says: a fallback with
+  the same results and less memory, not an error. Measured figures: README, "Performer's saved
+  features".
 
 Numerics: features and normalisers run in float32 (float64 for float64 inputs) with exact, causal
 stabilisers (see `core.kernel_attention`): no overflow for any input magnitude, no NaN in bf16/fp16.
