@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from efficient_transformers import cli
+from efficient_transformers import cli, native
 from efficient_transformers.bench import advise, analysis, harness, runner
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -267,6 +267,7 @@ def test_cli_measures_once_then_reuses_and_falls_back_when_a_bench_file_does_not
 
 # ---------------------------------------------------------------------------------------- a real run
 def test_tiny_real_run_prints_pure_json_and_writes_the_png(tmp_path, monkeypatch, capsys):
+    native.available()  # built or loaded now: XDG_CACHE_HOME, moved below, also locates PyTorch's extension cache
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(advise.CACHE_ENV, raising=False)
     out = tmp_path / "out"

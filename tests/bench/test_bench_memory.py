@@ -94,3 +94,22 @@ def test_spawn_fallback_gives_the_same_verdicts():
     answer = memory._spawn_and_measure(request)
     assert answer["status"] == "ok"
     assert answer["peak_mem_mb"] >= HEADS * 512**2 * 4 / 2**20
+
+
+def test_the_probe_processes_load_the_native_kernels_the_parent_built(tmp_path, monkeypatch):
+    """A probe has a time limit and a fresh cache directory would make it compile the native kernels
+    (15-60 s on two cores) inside that limit, and a killed build left PyTorch's lock file behind for the
+    next probe to wait on: the CI failure of `eft advise` under a moved XDG_CACHE_HOME. The parent
+    builds (here: already has) the kernels and its probe server loads them from where they are."""
+    from efficient_transformers import native
+
+    if not native.available():  # pragma: no cover - CI has a compiler
+        pytest.skip(f"no native kernels here: {native.build_error()}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # PyTorch's default extension cache moves too
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert memory._child_env()["TORCH_EXTENSIONS_DIR"] == str(Path(native.build_directory()).parent)
+    work = harness.Workload(mechanism="performer", seq_len=64, mode="train", dim=32, heads=2)
+    with ProbeServer(threads=1) as fresh:
+        answer = fresh.measure(work.to_json(), 20.0)
+    assert answer["status"] == "ok", answer
+    assert not (tmp_path / "xdg" / "torch_extensions").exists()  # nothing was built there

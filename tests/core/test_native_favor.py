@@ -265,7 +265,7 @@ def test_switches_and_a_failed_build_fall_back_to_the_portable_path(monkeypatch)
         torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)
     assert not native_ops(seen.names)
     monkeypatch.delenv("EFT_NATIVE")
-    monkeypatch.setattr(native, "_STATE", {"built": None, "error": None})
+    monkeypatch.setattr(native, "_STATE", {"built": None, "error": None, "directory": None})
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: c++: not found")
@@ -292,3 +292,22 @@ def test_the_ceiling_recorder_and_the_flop_count_see_the_portable_products():
     projections = 3 * (2 * n * dim * 4 * dim)  # q, k, v and output projections, forward and backward
     assert recorded.flops == attention + projections
     assert harness.count_flops(step) == recorded.flops + recorded.recomputed_flops
+
+
+def test_a_lock_file_left_by_a_killed_build_does_not_hang_the_next_one():
+    """PyTorch's builder waits forever on a lock file whose builder was killed; `native` builds under a
+    lock of its own and removes such a file (in a fresh process, which loads the built library)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert native.available()
+    directory = Path(native.build_directory())
+    (directory / "lock").write_text("")  # as a build killed by a probe's time limit leaves it
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(directory.parent))
+    done = subprocess.run([sys.executable, "-c", "from efficient_transformers import native; "
+                           "print(native.available(), native.build_directory())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", str(directory)], done.stderr[-2000:]
+    assert not (directory / "lock").exists()

@@ -218,10 +218,11 @@ def serve() -> None:
     os.dup2(2, 1)  # anything printed by a mechanism goes to stderr, never into the protocol
     import torch  # noqa: F401  (imported once here, inherited by every forked child)
 
-    from .. import registry
+    from .. import native, registry
     from . import harness  # noqa: F401
 
     registry.mechanisms()  # import every mechanism module once
+    native.available()  # loaded once (the parent built it; see _child_env): every child inherits the kernels
     gc.freeze()  # the imported objects move to a permanent generation: a child's gc.collect() skips them
     # (0.1 s saved per configuration) and does not touch, hence copy, their pages
     measure = _fork_and_measure if hasattr(os, "fork") else _spawn_and_measure
@@ -237,8 +238,13 @@ def serve() -> None:
 
 
 def _child_env() -> dict[str, str]:
-    """The environment for server processes: this package importable even when not installed."""
+    """The environment for server processes: this package importable even when not installed, and the
+    native kernels found where this process built them."""
+    from .. import native
+
     env = dict(os.environ)
+    if native.build_directory():
+        env["TORCH_EXTENSIONS_DIR"] = str(Path(native.build_directory()).parent)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
@@ -262,6 +268,9 @@ class ProbeServer:
         self.close()
 
     def _start(self) -> subprocess.Popen:
+        from .. import native
+
+        native.available()  # built here, with no time limit, so that the server only loads the library
         proc = subprocess.Popen(ENTRY + ["--serve"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=_child_env())
         hello = self._read_line(proc, SERVER_START_TIMEOUT_S)

@@ -11,6 +11,12 @@ right after the product that made it.
 a C++ compiler and `ninja`, a dependency of this package) into PyTorch's extension cache
 (`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`); later processes load it in milliseconds.
 The vector width follows `torch.backends.cpu.get_cpu_capability()` (AVX512, AVX2, or portable code).
+PyTorch's builder guards a build with a lock file that stays behind when the building process is killed
+(a timed-out probe, Ctrl-C), and then every later build of the same extension waits on it forever. The
+build here therefore runs under an `fcntl` lock of its own (released by the kernel when its holder dies),
+and under it removes a lock file left by a builder that is gone. `build_directory()` says where the
+library was built; `bench.memory` hands it to its probe processes, which load it instead of building
+again (moving `XDG_CACHE_HOME` would otherwise move PyTorch's extension cache with it).
 
 **Choosing the path.** `EFT_NATIVE=0` in the environment turns the native kernels off for the
 process; `portable()` turns them off inside a `with` block (the ceiling recorder of `bench.products`
@@ -33,7 +39,7 @@ import torch
 ENV_SWITCH = "EFT_NATIVE"
 _SOURCES = [Path(__file__).with_name(name) for name in ("favor.cpp", "favor_causal.cpp", "matmul.cpp")]
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {"built": None, "error": None}
+_STATE: dict[str, object] = {"built": None, "error": None, "directory": None}
 _DISABLED = threading.local()
 
 
@@ -48,15 +54,37 @@ def _capability_flags() -> list[str]:
     return ["-O3", *isa, f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 
 
+@contextlib.contextmanager
+def _exclusive_build(directory: str) -> Iterator[None]:
+    """Hold an `fcntl` lock on `directory` for the build and remove PyTorch's lock file if a killed builder
+    left it behind: whoever held it is gone, since every builder of this extension takes this lock first."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: PyTorch's own lock file only
+        yield
+        return
+    with open(os.path.join(directory, "eft-build.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, "lock"))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build() -> bool:
     from torch.utils import cpp_extension
 
+    name = f"efficient_transformers_native_{torch.backends.cpu.get_cpu_capability().lower()}"
     try:
-        cpp_extension.load(
-            name=f"efficient_transformers_native_{torch.backends.cpu.get_cpu_capability().lower()}",
-            sources=[str(path) for path in _SOURCES], extra_cflags=_capability_flags(),
-            is_python_module=False, verbose=False,
-        )
+        directory = cpp_extension._get_build_directory(name, verbose=False)  # creates it
+        with _exclusive_build(directory):
+            cpp_extension.load(
+                name=name, sources=[str(path) for path in _SOURCES], extra_cflags=_capability_flags(),
+                build_directory=directory, is_python_module=False, verbose=False,
+            )
+        _STATE["directory"] = directory
         return hasattr(torch.ops.efficient_transformers, "favor_forward")
     except Exception as err:  # no compiler, no ninja, a failed build: the portable path runs instead
         _STATE["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
@@ -80,6 +108,12 @@ def available() -> bool:
 def enabled() -> bool:
     """`available()` and not inside `portable()`."""
     return not getattr(_DISABLED, "depth", 0) and available()
+
+
+def build_directory() -> str | None:
+    """The directory the kernels were built in (None before a successful `available()`). Its parent is
+    the `TORCH_EXTENSIONS_DIR` under which another process finds the built library."""
+    return _STATE.get("directory")  # type: ignore[return-value]
 
 
 def build_error() -> str | None:
