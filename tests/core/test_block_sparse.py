@@ -51,8 +51,8 @@ def qkv(batch, heads, nq, nk, d, *, dv=None, seed=0, dtype=F64):
 def outputs_and_grads(out, lse, inputs, seed=5):
     """out, lse and the gradients of <out, g> + <lse, h> (h on rows with keys) w.r.t. inputs."""
     g = torch.Generator().manual_seed(seed)
-    upstream_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    upstream_lse = torch.randn(lse.shape, generator=g, dtype=lse.dtype)
+    upstream_out = torch.randn(out.shape, generator=g, dtype=F64).to(out.dtype)  # the same draws in any dtype
+    upstream_lse = torch.randn(lse.shape, generator=g, dtype=F64).to(lse.dtype)
     finite_lse = lse.masked_fill(lse == -math.inf, 0.0)
     loss = (out * upstream_out).sum() + (finite_lse * upstream_lse).sum()
     return [out, lse, *torch.autograd.grad(loss, inputs)]
@@ -434,3 +434,37 @@ def test_relative_bias_paths_and_bad_tables():
     for bad in (torch.zeros(2, 4, dtype=F64), torch.zeros(3, 5, dtype=F64), torch.zeros(2, 5, dtype=torch.long)):
         with pytest.raises(ValueError, match="relative_bias must be a floating tensor"):
             block_sparse_attention(q, k, v, BlockLayout.banded(4, 16, 3, 3), relative_bias=bad)
+
+
+# ----------------------------------------------------------------------------- float32 on either backend
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_float32_products_on_either_backend_match_the_float64_reference(backend, monkeypatch):
+    """The engine's batched products run on `core.gemm.batched_matmul`: oneDNN where it is preferred and
+    the native kernels are built (strided band views, gathered blocks, transposed operands), PyTorch's
+    otherwise. Random layouts in float32, against the dense float64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from efficient_transformers import native
+    from efficient_transformers.core import gemm
+
+    class OpNames(TorchDispatchMode):
+        names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("EFT_MATMUL", backend)
+    seen = OpNames()
+    for seed in range(24):
+        (B, H, nq, nk, d, dv), layout, key_mask, budget = random_case(seed)
+        q, k, v = qkv(B, H, nq, nk, d, dv=dv, seed=seed)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        with seen:
+            got = outputs_and_grads(*block_sparse_attention(q32, k32, v32, layout, key_mask, score_budget=budget),
+                                    (q32, k32, v32))
+        expected = outputs_and_grads(*dense_reference(q, k, v, allowed_pairs(layout, nq, nk, key_mask)), (q, k, v))
+        for name, a, e in zip(("out", "lse", "grad q", "grad k", "grad v"), got, expected):
+            torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4, msg=f"seed {seed}: {name}")
+    on_onednn = "efficient_transformers.onednn_matmul_out.default" in seen.names
+    assert on_onednn == (backend == "onednn" and gemm.onednn_usable(torch.float32) and native.available())

@@ -92,3 +92,53 @@ def test_auto_is_a_rule_on_the_cpu_not_a_timing(monkeypatch):
     expected = (gemm.onednn_usable(torch.float32) and torch.backends.mkl.is_available()
                 and torch.backends.cpu.get_cpu_capability() == "AVX512" and gemm.cpu_vendor() not in ("GenuineIntel", ""))
     assert gemm.prefers_onednn(torch.float32) == expected
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_batched_matmul_values_with_transposed_overlapping_and_unmergeable_operands(backend, monkeypatch):
+    """out = a @ b over (2, 3, ...) batches: transposed operands, an overlapping strided view (a band of key
+    blocks read in place), and leading dimensions that do not merge into one (PyTorch's product then)."""
+    monkeypatch.setenv("EFT_MATMUL", backend)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 3, 5, 7, generator=g)
+    b = torch.randn(2, 3, 11, 7, generator=g).transpose(-1, -2)  # (2, 3, 7, 11), transposed
+    table = torch.randn(40, 7, generator=g)
+    band = table.as_strided((2, 3, 11, 7), (6 * 7, 2 * 7, 7, 1))  # overlapping windows of the table's rows
+    unmergeable = torch.randn(3, 2, 5, 7, generator=g).transpose(0, 1)  # (2, 3, 5, 7), leading dims swapped
+    for left, right in [(a, b), (a, band.transpose(-1, -2)), (unmergeable, b)]:
+        out = torch.full((2, 3, 5, 11), float("nan"))
+        assert gemm.batched_matmul(left, right, out) is out
+        torch.testing.assert_close(out.double(), left.double() @ right.double(), rtol=1e-5, atol=1e-5)
+    with native.portable():  # the recorder's view: PyTorch's product, which it counts
+        out = torch.empty(2, 3, 5, 11)
+        torch.testing.assert_close(gemm.batched_matmul(a, b, out), a @ b)
+
+
+@needs_onednn
+def test_auto_keeps_small_batched_products_on_pytorch_and_takes_large_ones_to_onednn(monkeypatch):
+    """A oneDNN call costs about 20 us more than a bmm: "auto" decides by the product's size (a rule on
+    the shape), "onednn" takes every batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    if not native.available():
+        pytest.skip(f"no native kernels here: {native.build_error()}")
+    monkeypatch.setattr(gemm, "mkl_is_throttled", lambda: True)  # "auto" prefers oneDNN, as on the AMD EPYC
+    small = torch.randn(2, 16, 16), torch.randn(2, 16, 16), torch.empty(2, 16, 16)  # 16 kFLOP
+    large = torch.randn(4, 64, 64), torch.randn(4, 64, 256), torch.empty(4, 64, 256)  # 8.4 MFLOP
+    for backend, expected in [("auto", (False, True)), ("onednn", (True, True))]:
+        monkeypatch.setenv("EFT_MATMUL", backend)
+        for (a, b, out), on_onednn in zip((small, large), expected):
+            seen = OpNames()
+            with seen:
+                gemm.batched_matmul(a, b, out)
+            assert ("efficient_transformers.onednn_matmul_out.default" in seen.names) == on_onednn, (backend, a.shape)
+            torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)

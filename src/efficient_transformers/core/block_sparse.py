@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import gemm
 from .blocking import pad_to_multiple
 from .heads import heads_last
 
@@ -689,10 +690,10 @@ class _KeyBlocks:
     def product(self, a: Tensor, out: Tensor, *, transpose: bool) -> Tensor:
         """a (B, H, G, x, y) @ blocks (or blocks^T) -> out (B, H, G, x, z)."""
         if self.gathered is not None:
-            return torch.matmul(a, self.gathered.transpose(-1, -2) if transpose else self.gathered, out=out)
+            return gemm.batched_matmul(a, self.gathered.transpose(-1, -2) if transpose else self.gathered, out)
         a3, out3 = a.flatten(0, 1), out.flatten(0, 1)  # (B H, G, x, y) and (B H, G, x, z)
         for i, view in enumerate(self.views):
-            torch.bmm(a3[i], view.transpose(1, 2) if transpose else view, out=out3[i])
+            gemm.batched_matmul(a3[i], view.transpose(1, 2) if transpose else view, out3[i])
         return out
 
 
@@ -834,7 +835,7 @@ def _group_backward(queries: Tensor, grad_o: Tensor, row_term: Tensor, lse2: Ten
         if bias_table is not None:
             _add_bias_(scores, plan, bias_table, group, chunk)
         probs = scores.sub_(lse2).exp2_()  # p_ij
-        grad_values = torch.matmul(probs.transpose(-1, -2), grad_o, out=work("grad_values", B, H, G, width, grad_o.shape[-1]))
+        grad_values = gemm.batched_matmul(probs.transpose(-1, -2), grad_o, work("grad_values", B, H, G, width, grad_o.shape[-1]))
         grad_scores = values.product(grad_o, work("grad_scores", B, H, G, b, width), transpose=True)  # ln2 dp
         grad_scores.sub_(row_term).mul_(probs)  # ln(2) ds = p (ln(2) dp - ln(2) D)
         if grad_bias is not None:
@@ -844,7 +845,7 @@ def _group_backward(queries: Tensor, grad_o: Tensor, row_term: Tensor, lse2: Ten
         else:
             grad_queries.add_(keys.product(grad_scores, work("chunk_grad_q", B, H, G, b, d), transpose=False))
         grad_keys = work("grad_keys", B, H, G, width, d)
-        torch.matmul(grad_scores.transpose(-1, -2), queries, out=grad_keys)  # (B, H, G, C b, d)
+        gemm.batched_matmul(grad_scores.transpose(-1, -2), queries, grad_keys)  # (B, H, G, C b, d)
         _add_key_grads_(grad_k_sink, plan, group, chunk, grad_keys)
         _add_key_grads_(grad_v_sink, plan, group, chunk, grad_values)
     return grad_queries

@@ -23,7 +23,8 @@ tf32 arithmetic, not float32). So:
   the same products bit for bit), "torch" (always PyTorch's product) or "onednn" (oneDNN wherever it
   takes the dtype). Both compute the same float32 products, in another order of
   summation; float64 and other dtypes, autocast and non-CPU devices always use PyTorch's product.
-  Everything else (a mechanism's own `bmm`s, SDPA's kernel) runs PyTorch's products as it always does.
+  The block-sparse engine's batched products go the same way (`batched_matmul`). Everything else (the
+  other mechanisms' own `bmm`s, SDPA's kernel) runs PyTorch's products as it always does.
 - **a ceiling** (`bench.products.replay`) is a lower bound on *any* implementation's step, so each
   replayed shape runs on whichever backend is faster for it (`fastest`, timed once per shape), and the
   machine's matrix-multiply rate (`bench.harness.matmul_rate`) is the faster backend's.
@@ -47,6 +48,10 @@ from . import buffer_pool
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 BACKEND_ENV = "EFT_MATMUL"
 BACKENDS = ("auto", "torch", "onednn")
+# The smallest batched product (2 batch m k n) that "auto" takes to oneDNN: measured one thread on the AMD
+# EPYC, 64 x 64 x 128 takes 14 us on MKL and 27 on oneDNN, 2 x 64 x 64 x 256 (4.2 MFLOP) 51 and 46,
+# 3 x 64 x 64 x 320 88 and 55.
+ONEDNN_MIN_BATCH_FLOPS = 2**22
 _choices: dict[tuple, str] = {}
 
 
@@ -181,6 +186,45 @@ def matmul(a: Tensor, b: Tensor, *, out: Tensor | None = None, accumulate: bool 
     if not prefers_onednn(a.dtype, a.device) or b.dtype != a.dtype:
         return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
     return onednn_matmul(a, b, out, accumulate)
+
+
+def batched_matmul(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out = a @ b for a batch of products, without autograd: a (..., m, k), b (..., k, n) -> out (..., m, n),
+    one leading shape for all three (no broadcasting), any strides in the last two dimensions.
+
+    On oneDNN (`native/matmul.cpp`) where `prefers_onednn` and the native kernels are built, when the
+    leading dimensions of each operand merge into one without a copy; otherwise `torch.matmul(out=)`
+    (also inside `native.portable()`, so that the ceiling recorder and the FLOP counter see the
+    product). The block-sparse engine's products (`core.block_sparse`) run here: batches of small
+    products, 64 x 64 x 192 and the like, where oneDNN measured 1.7-2.7x MKL's rate on the AMD EPYC.
+    A oneDNN call costs about 20 us more than a `bmm`, so under "auto" a batch of fewer than
+    `ONEDNN_MIN_BATCH_FLOPS` stays on PyTorch's product (a rule on the shape: every process decides the
+    same); `EFT_MATMUL=onednn` takes every batch to oneDNN."""
+    if (a.dim() >= 3 and a.shape[:-2] == b.shape[:-2] == out.shape[:-2] and a.dtype == b.dtype == out.dtype
+            and prefers_onednn(a.dtype, a.device) and native.enabled()
+            and (2 * out.numel() * a.shape[-1] >= ONEDNN_MIN_BATCH_FLOPS or library_backend() == "onednn")
+            and torch.ops.efficient_transformers.onednn_matmul_available()):
+        try:
+            a3, b3, out3 = (x.view(-1, *x.shape[-2:]) for x in (a, b, out))  # (batch, m, k), (batch, k, n), (batch, m, n)
+        except RuntimeError:  # leading dimensions that do not merge: PyTorch's product below
+            pass
+        else:
+            torch.ops.efficient_transformers.onednn_matmul_out(out3, _dense_batch(a3), _dense_batch(b3), False)
+            return out
+    return torch.matmul(a, b, out=out)
+
+
+def _dense_batch(x: Tensor) -> Tensor:
+    """x (batch, m, k) as oneDNN's matmul reads it without a copy of its own: each matrix dense, row- or
+    column-major, one after the other. Other strides (the block-sparse engine's overlapping band views)
+    are copied here into whichever of the two layouts keeps x's contiguous dimension contiguous:
+    PyTorch's wrapper would copy to row-major, a transposing copy that measured 96 GFLOP/s for the
+    whole product against 144 this way (7 x 64 x 64 by 64 x 576, one thread, AMD EPYC)."""
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    if x.stride(1) == 1 and x.stride(2) != 1:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)  # (batch, m, k), column-major matrices
+    return x.contiguous()
 
 
 def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
