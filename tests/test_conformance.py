@@ -276,6 +276,28 @@ def test_bf16_is_finite_and_close_to_float32(name, causal):
     assert err < 0.05, f"relative error {err:.3g} in bf16"
 
 
+@pytest.mark.parametrize("name,causal", CASES, ids=IDS)
+def test_float32_on_onednn_equals_float32_on_pytorchs_products(name, causal, monkeypatch):
+    """`EFT_MATMUL=onednn` (every product `core.gemm` routes, whatever its size) against `EFT_MATMUL=torch`:
+    the same float32 layer, outputs and input and parameter gradients, with padding."""
+    from efficient_transformers.core import gemm
+
+    if not gemm.onednn_usable(torch.float32):
+        pytest.skip("oneDNN is not built into this PyTorch")
+    results = {}
+    for backend in ("torch", "onednn"):
+        monkeypatch.setenv("EFT_MATMUL", backend)
+        layer = build(name, causal)
+        x = inputs(2, 37).requires_grad_()
+        mask = scattered_mask(2, 37)
+        y = layer(x, mask)
+        (y * inputs(2, 37, seed=7)).sum().backward()
+        results[backend] = [y.detach(), x.grad, *(p.grad for p in layer.parameters() if p.grad is not None)]
+    assert len(results["torch"]) == len(results["onednn"])
+    for i, (a, b) in enumerate(zip(results["torch"], results["onednn"])):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=f"{name}: tensor {i} (0: output, 1: input gradient)")
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name,causal", CASES, ids=IDS)
 def test_bad_input_raises_value_errors_naming_the_mechanism(name, causal):

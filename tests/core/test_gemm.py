@@ -142,3 +142,28 @@ def test_auto_keeps_small_batched_products_on_pytorch_and_takes_large_ones_to_on
                 gemm.batched_matmul(a, b, out)
             assert ("efficient_transformers.onednn_matmul_out.default" in seen.names) == on_onednn, (backend, a.shape)
             torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+@pytest.mark.parametrize("shapes", [((7, 9), (9, 5)), ((2, 3, 7, 9), (9, 5)), ((3, 7, 9), (2, 1, 9, 5)),
+                                    ((2, 3, 7, 9), (1, 3, 9, 5))])
+def test_product_with_grad_is_matmul_with_broadcasting_values_and_gradients(backend, shapes, monkeypatch):
+    """`product_with_grad` against float64 `torch.matmul`: 2-D operands, a 2-D operand against a batch,
+    broadcast leading dimensions (whose gradients are summed back), a transposed operand."""
+    monkeypatch.setenv("EFT_MATMUL", backend)
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(*shapes[0], generator=g, requires_grad=True)
+    b_t = torch.randn(*shapes[1][:-2], shapes[1][-1], shapes[1][-2], generator=g, requires_grad=True)
+    b = b_t.transpose(-1, -2)  # (..., 9, 5), a transposed view
+    got = gemm.product_with_grad(a, b)
+    upstream = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad(got, (a, b_t), upstream)
+    a64, b64 = a.detach().double().requires_grad_(), b_t.detach().double().requires_grad_()
+    want = torch.matmul(a64, b64.transpose(-1, -2))
+    want_grads = torch.autograd.grad(want, (a64, b64), upstream.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for g_got, g_want in zip(grads, want_grads):
+        assert g_got.shape == g_want.shape
+        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(gemm.product_with_grad(a, b), got.detach())  # the no-grad path

@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import masked_softmax
+from ..core import gemm
 from ..core import options as opt
 from ..core.relative_positions import relative_scores
 from ..registry import Card, register
@@ -286,8 +287,10 @@ class CompressiveAttention(TransformerXLAttention):
             ok = (g[None, :] < group_of_w[:, None]) & (g[None, :] >= group_of_w[:, None] - self.cmem_len)
             dtype = raw_scores.dtype
             qf = q.to(dtype)
-            content = (qf + self.content_bias.to(dtype)[None, :, None, :]) @ kc.to(dtype).transpose(-1, -2)  # (B, H, n, G)
-            by_distance = (qf + self.position_bias.to(dtype)[None, :, None, :]) @ r.to(dtype).transpose(-1, -2)[None]  # (B, H, n, span)
+            content = gemm.product_with_grad(qf + self.content_bias.to(dtype)[None, :, None, :],
+                                             kc.to(dtype).transpose(-1, -2))  # (B, H, n, G)
+            by_distance = gemm.product_with_grad(qf + self.position_bias.to(dtype)[None, :, None, :],
+                                                 r.to(dtype).transpose(-1, -2)[None])  # (B, H, n, span)
             index = distance.clamp(0, r.shape[1] - 1)[None, None].expand(*content.shape)
             position = torch.gather(by_distance, -1, index)  # (B, H, n, G)
             parts_scores.insert(0, (content + position) / math.sqrt(q.shape[-1]))
@@ -299,7 +302,7 @@ class CompressiveAttention(TransformerXLAttention):
         allowed = torch.cat([a.expand(scores.shape[0], 1, n, a.shape[-1]) for a in parts_allowed], dim=-1)
         weights = masked_softmax(scores, allowed)
         vals = torch.cat(parts_values, dim=-2).to(weights.dtype)  # (B, H, G + K, d)
-        return (weights @ vals).to(q.dtype)
+        return gemm.product_with_grad(weights, vals).to(q.dtype)  # (B, H, n, d)
 
     # ------------------------------------------------------------------ most-used
     def select_most_used(self, groups: Tensor, group_mask: Tensor | None, usage: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AttentionLayer, dense_attention, split_heads, zero_padded
+from ..core import gemm
 from ..core import options as opt
 from ..registry import Card, register
 
@@ -99,7 +100,7 @@ class LinformerAttention(AttentionLayer):
         B, n, _ = x.shape
         w_q, w_k, w_v = self.to_qkv.weight.chunk(3)  # (dim, dim) each
         b_q, b_k, b_v = self.to_qkv.bias.chunk(3)  # (dim,) each
-        q = F.linear(x, w_q, b_q).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        q = gemm.linear(x, w_q, b_q).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         x_real = zero_padded(x, mask, seq_dim=1)[:, None]  # (B, 1, N, dim): padding adds nothing below
         real = x.new_ones(B, n) if mask is None else mask.to(x.dtype)  # (B, N)
         proj_k, proj_v = self._projections(n, x.dtype)  # (1, k, N) each
@@ -109,8 +110,8 @@ class LinformerAttention(AttentionLayer):
             compressed_v, real_v = compressed_k, real_k
         else:
             compressed_v, real_v = _project(proj_v, x_real).squeeze(1), real @ proj_v.squeeze(0).T
-        k_short = split_heads(compressed_k @ w_k.T + real_k[..., None] * b_k, self.heads)  # (B, H, k, d)
-        v_short = split_heads(compressed_v @ w_v.T + real_v[..., None] * b_v, self.heads)
+        k_short = split_heads(gemm.linear(compressed_k, w_k) + real_k[..., None] * b_k, self.heads)  # (B, H, k, d)
+        v_short = split_heads(gemm.linear(compressed_v, w_v) + real_v[..., None] * b_v, self.heads)
         return q, k_short, v_short, {**extra, "compressed": True}
 
     def _projections(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -159,11 +160,11 @@ def _project(projection: Tensor, x: Tensor) -> Tensor:
     """(1 | H, k, N) @ (B, H, N, d) -> (B, H, k, d). A projection shared by the heads is one matrix
     product over all (batch, head) columns, without copying the projection per head."""
     if projection.shape[0] > 1:
-        return projection @ x  # (B, H, k, d)
+        return gemm.product_with_grad(projection, x)  # (B, H, k, d)
     B, H, n, d = x.shape
     columns = x.permute(2, 0, 1, 3).reshape(n, B * H * d)  # (N, B*H*d), a view when B = 1
     shared = projection.squeeze(0)  # (k, N); a view whose gradient is a view too (indexing [0] would zero-fill)
-    return (shared @ columns).view(-1, B, H, d).permute(1, 2, 0, 3)  # (B, H, k, d)
+    return gemm.product_with_grad(shared, columns).view(-1, B, H, d).permute(1, 2, 0, 3)  # (B, H, k, d)
 
 
 def share_layerwise(layers: Iterable[LinformerAttention]) -> None:

@@ -111,6 +111,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ..core import AttentionLayer, SeededDraws, heads_last, zero_padded
+from ..core import gemm
 from ..core import options as opt
 from ..core.block_sparse import BlockLayout, block_sparse_attention, global_blocks
 from ..registry import Card, register
@@ -210,8 +211,8 @@ class SinkhornAttention(AttentionLayer):
         sorted_real = sorted_real.reshape(B, rows * b)
         if self.sortcut_blocks is not None:  # every query attends the first n_s sorted blocks only
             k_blocks, v_blocks = _zero_padded_blocks(k, mask, b), _zero_padded_blocks(v, mask, b)  # (B, H, nB, b, d)
-            sorted_k = (P @ k_blocks.flatten(-2)).view(B, H, rows * b, d)  # (B, H, rows b, d)
-            sorted_v = (P @ v_blocks.flatten(-2)).view(B, H, rows * b, v.shape[-1])
+            sorted_k = gemm.product_with_grad(P, k_blocks.flatten(-2)).view(B, H, rows * b, d)  # (B, H, rows b, d)
+            sorted_v = gemm.product_with_grad(P, v_blocks.flatten(-2)).view(B, H, rows * b, v.shape[-1])
             layout = BlockLayout(b, global_blocks(nb, range(rows), device=q.device))
             return block_sparse_attention(q, sorted_k, sorted_v, layout, key_mask=sorted_real)[0]
         keys = _LocalAndSorted.apply(k, P, mask, b)  # (B, H, 2 nB b, d): local blocks, then sorted blocks
@@ -317,7 +318,7 @@ class _LocalAndSorted(torch.autograd.Function):
         if mask is not None:
             local[:, :, :n].masked_fill_(~mask[:, None, :, None], 0.0)
         sorted_half = table[:, :, nb * b:].view(B, H, nb, b * f)  # (B, H, nB, b f), a view of the table
-        torch.matmul(P, local.view(B, H, nb, b * f), out=sorted_half)  # sorted block i = sum_j P_ij block j
+        gemm.batched_matmul(P, local.view(B, H, nb, b * f), sorted_half)  # sorted block i = sum_j P_ij block j
         ctx.save_for_backward(P, table)
         ctx.mask, ctx.n, ctx.b = mask, n, b
         return table
@@ -334,8 +335,8 @@ class _LocalAndSorted(torch.autograd.Function):
         for i in range(B):  # per item and head: transients of one head's blocks, not of the whole table
             for h in range(H):
                 grad_sorted = grad_table[i, h, nb * b:].reshape(nb, b * f)  # (nB, b f)
-                torch.mm(grad_sorted, local_blocks[i, h].t(), out=grad_P[i, h])
-                grad_local = (P[i, h].t() @ grad_sorted).view(nb * b, f)  # (nB b, f)
+                gemm.matmul(grad_sorted, local_blocks[i, h].t(), out=grad_P[i, h])
+                grad_local = gemm.matmul(P[i, h].t(), grad_sorted).view(nb * b, f)  # (nB b, f)
                 torch.add(grad_local[:n], grad_table[i, h, :n], out=grad_x[i, h])
         if ctx.mask is not None:
             grad_x.masked_fill_(~ctx.mask[:, None, :, None], 0.0)

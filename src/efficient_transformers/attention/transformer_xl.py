@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AttentionLayer, KVCache, masked_softmax, project_heads, split_heads
+from ..core import gemm
 from ..core import options as opt
 from ..core.layer import PROJECTIONS
 from ..core.dense import BACKENDS
@@ -197,11 +198,12 @@ class TransformerXLAttention(AttentionLayer):
             allowed = allowed & key_mask[:, None, None, :].to(q.device)  # (B, 1, n, K)
         if self.backend != "sdpa":
             scores = relative_scores(q, keys, r, self.content_bias, self.position_bias)  # (B, H, n, K)
-            return (masked_softmax(scores, allowed) @ values.to(scores.dtype)).to(q.dtype)  # (B, H, n, d)
+            return gemm.product_with_grad(masked_softmax(scores, allowed), values.to(scores.dtype)).to(q.dtype)  # (B, H, n, d)
         # the same numbers through the fused kernel: the position term enters as an additive bias
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         qf = q.to(dtype)
-        position = relative_shift((qf + self.position_bias.to(dtype)[None, :, None, :]) @ r.to(dtype).transpose(-1, -2)[None])
+        position = relative_shift(gemm.product_with_grad(qf + self.position_bias.to(dtype)[None, :, None, :],
+                                                         r.to(dtype).transpose(-1, -2)[None]))
         row_has_key = allowed.any(dim=-1, keepdim=True)  # (B | 1, 1, n, 1)
         bias = (position / math.sqrt(q.shape[-1])).masked_fill(~(allowed | ~row_has_key), float("-inf"))  # (B, H, n, K)
         out = F.scaled_dot_product_attention(qf + self.content_bias.to(dtype)[None, :, None, :], keys.to(dtype),

@@ -248,6 +248,51 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _OneDNNLinear.apply(x, weight, bias)
 
 
+def product_with_grad(a: Tensor, b: Tensor) -> Tensor:
+    """`torch.matmul(a, b)`'s value and first-order gradients, a (..., m, k) and b (..., k, n) of two or more
+    dimensions, leading dimensions broadcast; forward and backward products on oneDNN where
+    `prefers_onednn` (`matmul` for two 2-D operands, else `batched_matmul`), otherwise `torch.matmul`
+    itself. The dense products of the mechanisms that attend over a window or memory with relative
+    positions (Transformer-XL, Compressive) and the low-rank projections (Linformer, Sinkhorn's sorting)
+    run here. Double backward: set `EFT_MATMUL=torch`, as for `linear`."""
+    if (a.dim() < 2 or b.dim() < 2 or a.dtype != b.dtype or not prefers_onednn(a.dtype, a.device)
+            or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+        if a.dim() >= 2 and b.dim() >= 2 and a.dtype == b.dtype and prefers_onednn(a.dtype, a.device):
+            return _product(a, b)
+        return torch.matmul(a, b)
+    return _OneDNNProduct.apply(a, b)
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b without autograd on the preferred backend: (m, k) @ (k, n), or broadcast batches."""
+    if a.dim() == 2 and b.dim() == 2:
+        return _into_new(a, b) if native.enabled() else onednn_product(a, b.t())  # (m, n)
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = buffer_pool.empty((*lead, a.shape[-2], b.shape[-1]), a.dtype, a.device)  # (..., m, n)
+    return batched_matmul(a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]), out)
+
+
+class _OneDNNProduct(torch.autograd.Function):
+    """y = a b with d a = g b^T and d b = a^T g (summed over broadcast dimensions), every product on
+    `_product`."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return _product(a, b)  # (..., m, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _product(grad, b.transpose(-1, -2)).sum_to_size(a.shape)  # (..., m, k)
+        if ctx.needs_input_grad[1]:
+            grad_b = _product(a.transpose(-1, -2), grad).sum_to_size(b.shape)  # (..., k, n)
+        return grad_a, grad_b
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with every product (forward, d x = g W, d W = g^T x) on oneDNN."""
 

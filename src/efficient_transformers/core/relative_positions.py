@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gemm
+
 
 def sinusoid_of_distances(distances: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """distances (K,) -> (K, dim): [sin(delta w_0), ..., sin(delta w_{dim/2-1}), cos(delta w_0), ...],
@@ -56,8 +58,8 @@ def relative_scores(q: Tensor, k: Tensor, r: Tensor, content_bias: Tensor, posit
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     q, k, r = q.to(dtype), k.to(dtype), r.to(dtype)
     u, v = content_bias.to(dtype)[None, :, None, :], position_bias.to(dtype)[None, :, None, :]  # (1, H, 1, d)
-    content = (q + u) @ k.transpose(-1, -2)  # (B, H, n, K): terms (a) + (c)
-    position = relative_shift((q + v) @ r.transpose(-1, -2).unsqueeze(0))  # (B, H, n, K): terms (b) + (d)
+    content = gemm.product_with_grad(q + u, k.transpose(-1, -2))  # (B, H, n, K): terms (a) + (c)
+    position = relative_shift(gemm.product_with_grad(q + v, r.transpose(-1, -2).unsqueeze(0)))  # (B, H, n, K): terms (b) + (d)
     return (content + position) / math.sqrt(q.shape[-1])
 
 
