@@ -93,6 +93,23 @@ def test_compressed_equals_the_explicit_convolution_reference(causal, c, n):
     compare(out, ref, mask, [q, k, v, *params])
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["sdpa", "block-sparse"])
+def test_unpadded_bidirectional_paths_equal_the_reference(onednn, monkeypatch):
+    """Without padding, SDPA runs the slot attention, or the block-sparse primitive where the library's
+    products run on oneDNN (`core.gemm.prefers_onednn`, here forced for this module only)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(mc, "gemm", SimpleNamespace(prefers_onednn=lambda dtype, device="cpu": onednn))
+    calls = []
+    monkeypatch.setattr(mc, "dense_attention", lambda *a, **kw: calls.append(1) or reference_attention(*a, **kw))
+    lay = layer(False, compression=3)
+    q, k, v = qkv(2, 37)
+    out, _ = lay.attend(q, k, v, None)
+    assert bool(calls) == (not onednn)
+    params = [lay.compress_k, lay.compress_v, lay.compress_k_bias, lay.compress_v_bias]
+    compare(out, naive_compressed(lay, q, k, v, None), torch.ones(2, 37, dtype=torch.bool), [q, k, v, *params])
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("tile", [4, 256])
 def test_compression_one_with_the_identity_conv_is_dense_attention(causal, tile):
