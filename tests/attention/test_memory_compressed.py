@@ -93,21 +93,30 @@ def test_compressed_equals_the_explicit_convolution_reference(causal, c, n):
     compare(out, ref, mask, [q, k, v, *params])
 
 
-@pytest.mark.parametrize("onednn", [False, True], ids=["sdpa", "block-sparse"])
-def test_unpadded_bidirectional_paths_equal_the_reference(onednn, monkeypatch):
-    """Without padding, SDPA runs the slot attention, or the block-sparse primitive where the library's
-    products run on oneDNN (`core.gemm.prefers_onednn`, here forced for this module only)."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+def test_unpadded_bidirectional_paths_equal_the_reference(backend, monkeypatch):
+    """Without padding the slot attention runs in SDPA, or in the block-sparse engine where the library's
+    float32 products run on oneDNN (`core.block_sparse.dense_over_compressed_keys`): float32 on either
+    backend against the float64 explicit-convolution reference."""
+    from efficient_transformers.core import dense, gemm
 
-    monkeypatch.setattr(mc, "gemm", SimpleNamespace(prefers_onednn=lambda dtype, device="cpu": onednn))
+    monkeypatch.setenv("EFT_MATMUL", backend)
     calls = []
-    monkeypatch.setattr(mc, "dense_attention", lambda *a, **kw: calls.append(1) or reference_attention(*a, **kw))
+    sdpa = dense.dense_attention
+    monkeypatch.setattr(dense, "dense_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
     lay = layer(False, compression=3)
     q, k, v = qkv(2, 37)
-    out, _ = lay.attend(q, k, v, None)
-    assert bool(calls) == (not onednn)
-    params = [lay.compress_k, lay.compress_v, lay.compress_k_bias, lay.compress_v_bias]
-    compare(out, naive_compressed(lay, q, k, v, None), torch.ones(2, 37, dtype=torch.bool), [q, k, v, *params])
+    lay32 = layer(False, compression=3).float()
+    lay32.load_state_dict({name: t.float() for name, t in lay.state_dict().items()})
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out, _ = lay32.attend(q32, k32, v32, None)
+    assert bool(calls) == (not gemm.prefers_onednn(torch.float32))
+    ref = naive_compressed(lay, q, k, v, None)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    grads = torch.autograd.grad((out * w.float()).sum(), (q32, k32, v32))
+    for got, want in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -5,7 +5,9 @@ Keys and values are projected along the length axis, from N to k rows, before de
     head_i = softmax(Q W_i^Q (E_i K W_i^K)^T / sqrt(d)) F_i V W_i^V,    E_i, F_i in R^{k x N}
 
 Cost O(N k d) time and O(N k) memory (O(N d) here: the k-key attention runs through PyTorch's fused
-SDPA kernel). The projections are parameters of shape (k, max_seq_len); a sequence of N <=
+SDPA kernel, or, where the library's float32 products run on oneDNN, through the block-sparse
+engine with every key tile in every row: `core.block_sparse.dense_over_compressed_keys`, measured
+0.82x the step time at N = 16K and 0.94x at 4K on the AMD EPYC, train, one thread, paired). The projections are parameters of shape (k, max_seq_len); a sequence of N <=
 `max_seq_len` tokens uses their first N columns. Not causal: E K mixes all positions, so every
 output depends on future tokens (`causal=True` is refused).
 
@@ -47,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import AttentionLayer, dense_attention, split_heads, zero_padded
+from ..core import AttentionLayer, split_heads, zero_padded
 from ..core import gemm
 from ..core import options as opt
+from ..core.block_sparse import dense_over_compressed_keys
 from ..registry import Card, register
 
 SHARING = ("none", "headwise", "kv")
@@ -132,19 +135,14 @@ class LinformerAttention(AttentionLayer):
     def _attend_compressed(self, q: Tensor, k_short: Tensor, v_short: Tensor, mask: Tensor | None,
                            proj_k: Tensor, proj_v: Tensor) -> Tensor:
         """Dense attention of q (B, H, N, d) over the k projected slots (B, H, k, d) -> (B, H, N, d)."""
-        B, H, n, d = q.shape
-        if mask is None:
-            return dense_attention(q, k_short, v_short)
+        if mask is None:  # SDPA, or the block-sparse engine where the products run on oneDNN
+            return dense_over_compressed_keys(q, k_short, v_short)
         # a projected slot built from padding alone carries nothing: exclude it (with E = F = I this is
         # exactly the key mask; with dense projections only all-padded items lose their slots)
         real = mask.T.to(proj_k.dtype)  # (N, B)
         filled = ((proj_k.abs() @ real) > 0) | ((proj_v.abs() @ real) > 0)  # (1 | H, k, B)
         slot_mask = filled.permute(2, 0, 1)  # (B, 1 | H, k)
-        if slot_mask.shape[1] == 1:
-            return dense_attention(q, k_short, v_short, key_mask=slot_mask[:, 0])
-        fold = lambda t: t.reshape(B * H, 1, t.shape[-2], d)  # noqa: E731  heads into the batch: per-head slot masks
-        out = dense_attention(fold(q), fold(k_short), fold(v_short), key_mask=slot_mask.reshape(B * H, -1))
-        return out.view(B, H, n, d)
+        return dense_over_compressed_keys(q, k_short, v_short, slot_mask[:, 0] if slot_mask.shape[1] == 1 else slot_mask)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, sharing={self.sharing}, max_seq_len={self.max_seq_len}"

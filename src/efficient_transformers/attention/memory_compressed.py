@@ -112,11 +112,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import gemm
 from ..core import AttentionLayer, PositionedKVCache, dense_attention, masked_softmax, pad_to_multiple, zero_padded
 from ..core import options as opt
-from ..core.block_sparse import (DEFAULT_SCORE_BUDGET, NO_BLOCK, BlockLayout, block_sparse_attention, global_blocks,
-                                 merge_by_lse, window_blocks)
+from ..core.block_sparse import (DEFAULT_SCORE_BUDGET, NO_BLOCK, BlockLayout, block_sparse_attention,
+                                 dense_over_compressed_keys, merge_by_lse, window_blocks)
 from ..registry import Card, register
 
 MODES = ("compressed", "local")
@@ -233,14 +232,11 @@ class MemoryCompressedAttention(AttentionLayer):
             )
         if not self.causal:
             slot_k, slot_v, slot_mask = self._compress(k, v, mask)  # (B, H, N_c, d) x 2, (B, N_c) | None
-            if slot_mask is None and not gemm.prefers_onednn(q.dtype, q.device):
-                return dense_attention(q, slot_k, slot_v), None  # the fused SDPA kernel, O(N d) memory
-            # with padding, SDPA would need an (N, N_c) mask; and where the library's products run on
-            # oneDNN (core.gemm), SDPA's kernel is left on MKL's slower path: every query block attends
-            # every slot block through the block-sparse primitive instead (online softmax, scores recomputed)
-            tile = self._tile
-            layout = BlockLayout(tile, global_blocks(-(-q.shape[-2] // tile), range(-(-slot_k.shape[-2] // tile)),
-                                                      device=q.device))
+            if slot_mask is None:  # SDPA, or the block-sparse engine where the products run on oneDNN
+                return dense_over_compressed_keys(q, slot_k, slot_v, block_size=self._tile), None
+            # with padding, SDPA would need an (N, N_c) mask: every query block attends every slot
+            # block through the block-sparse primitive instead (online softmax, scores recomputed)
+            layout = BlockLayout.every_key(self._tile, q.shape[-2], slot_k.shape[-2], device=q.device)
             return block_sparse_attention(q, slot_k, slot_v, layout, slot_mask)[0], None
         if state is not None:
             return self._decode(q, k, v, mask, state)

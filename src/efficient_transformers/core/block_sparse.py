@@ -167,6 +167,14 @@ class BlockLayout:
         return cls(block_size, blocks, causal=causal, band=(left, right))
 
     @classmethod
+    def every_key(cls, block_size: int, num_queries: int, num_keys: int, *, device=None) -> BlockLayout:
+        """Dense attention as a layout: every query block attends every key block. For many queries over
+        a few hundred keys or more (compressed or projected keys) where the library's products run on
+        oneDNN and SDPA's kernel does not (`core.gemm`; see `dense_over_compressed_keys`)."""
+        return cls(block_size, global_blocks(-(-num_queries // block_size), range(-(-num_keys // block_size)),
+                                             device=device))
+
+    @classmethod
     def from_lists(cls, block_size: int, rows: Sequence, **options) -> BlockLayout:
         """From explicit lists: rows[I] = the key blocks of query block I (shared by all heads), or
         rows[h][I] per head; shorter rows are padded with NO_BLOCK."""
@@ -571,6 +579,26 @@ def block_sparse_attention(
         bias_clip = relative_bias.shape[1] // 2
     plan = _plan(q, k, layout, key_mask, score_budget, bias_clip)
     return _BlockSparseAttention.apply(q, k, v, relative_bias, plan, scale)
+
+
+def dense_over_compressed_keys(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, *,
+                               block_size: int = 256) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v of q (B, H, Nq, d) over every key of k, v (B, H, Nk, d|dv), keys masked by
+    key_mask (B, Nk) or (B, H, Nk) -> (B, H, Nq, dv); rows without a key give zeros.
+
+    For the mechanisms that attend over a shortened key set (Memory Compressed's N/k slots, Linformer's
+    k projections). PyTorch's fused SDPA runs it, except where the library's float32 products run on
+    oneDNN (`core.gemm.prefers_onednn`: AVX-512 CPUs not made by Intel). SDPA's kernel keeps its
+    products on MKL's AVX2 path there, so the block-sparse engine runs it instead, with `every_key`
+    tiles of `block_size`. A per-head key mask, which SDPA takes only as an (Nq, Nk) pattern, also
+    goes to the block-sparse engine."""
+    from .dense import dense_attention
+
+    per_head_mask = key_mask is not None and key_mask.dim() == 3
+    if not per_head_mask and not gemm.prefers_onednn(q.dtype, q.device):
+        return dense_attention(q, k, v, key_mask=key_mask)
+    layout = BlockLayout.every_key(block_size, q.shape[-2], k.shape[-2], device=q.device)
+    return block_sparse_attention(q, k, v, layout, key_mask)[0]
 
 
 def _describe_tensor(t) -> str:
