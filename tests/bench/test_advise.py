@@ -233,6 +233,26 @@ def test_cache_is_reused_and_invalidated_by_the_key(tmp_path, monkeypatch, fake_
     assert torch.get_num_threads() == threads  # measuring leaves the caller's thread count as it was
     assert advise.measure(s, cache_dir=root, threads=1, refresh=True, **quiet)[1]["kind"] == "measured"
     assert len(fake_benchmark) == 7
+    monkeypatch.setenv("EFT_MATMUL", "torch")  # another code path: measured again, then cached under its key
+    assert advise.measure(s, cache_dir=root, threads=1, **quiet)[1]["kind"] == "measured"
+    assert advise.measure(s, cache_dir=root, threads=1, **quiet)[1]["kind"] == "cache"
+    monkeypatch.setattr(advise, "source_digest", lambda: "changed code")
+    assert advise.measure(s, cache_dir=root, threads=1, **quiet)[1]["kind"] == "measured"
+    assert len(fake_benchmark) == 9
+
+
+def test_the_source_digest_follows_the_package_files(tmp_path, monkeypatch):
+    digest = advise.source_digest()
+    assert digest == advise.source_digest() and len(digest) == 16
+    package = tmp_path / "efficient_transformers"
+    (package / "bench").mkdir(parents=True)
+    fake_module = package / "bench" / "advise.py"
+    fake_module.write_text("")
+    (package / "core.py").write_text("a = 1\n")
+    monkeypatch.setattr(advise, "__file__", str(fake_module))
+    before = advise.source_digest()
+    (package / "core.py").write_text("a = 2\n")
+    assert advise.source_digest() != before
 
 
 def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):

@@ -16,7 +16,9 @@ hardware at hand says which mechanism to use. The figures come from
    cached as an ordinary bench folder under the user's cache folder (`$EFT_CACHE_DIR/advise`, else
    `$XDG_CACHE_HOME/efficient-transformers/advise`, else `~/.cache/efficient-transformers/advise`; or
    `--cache-dir`), keyed by the machine (CPU model and core count, OS and architecture; the GPU on
-   cuda), the torch and package versions, the torch thread count and every setting. The next run
+   cuda), the torch and package versions, a digest of the package's source files (a changed
+   implementation measures again), the switches that choose its code paths (`EFT_MATMUL`,
+   `EFT_NATIVE`, `EFT_BUFFER_POOL_MIB`), the torch thread count and every setting. The next run
    with the same key reuses it; any difference measures again (`--refresh` forces it).
 
 Ranking: among the mechanisms that ran at N in the requested mode (train = forward + backward,
@@ -246,6 +248,10 @@ def machine_key(device: str = "cpu") -> dict[str, Any]:
     return key
 
 
+#: environment switches that change which code a measurement ran (core.gemm, native, core.buffer_pool)
+PATH_SWITCHES = ("EFT_MATMUL", "EFT_NATIVE", "EFT_BUFFER_POOL_MIB")
+
+
 def torch_version() -> str:
     return torch.__version__
 
@@ -265,7 +271,22 @@ def cache_key(settings: Settings, threads: int) -> dict[str, Any]:
     measured.update(mode=settings.bench_mode, lengths=neighbour_lengths(settings.length),
                     mechanisms=_measured_names(settings))
     return {"schema": CACHE_SCHEMA, "machine": machine_key(settings.device), "torch": torch_version(),
-            "package": PACKAGE_VERSION, "threads": threads, "settings": measured}
+            "package": PACKAGE_VERSION, "code": source_digest(), "switches": path_switches(), "threads": threads,
+            "settings": measured}
+
+
+def source_digest() -> str:
+    """sha256 over the package's Python and C++ sources (paths and contents): the code that was measured."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp", ".h") and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def path_switches() -> dict[str, str]:
+    """The environment switches that choose the library's code paths, as set (unset: "")."""
+    return {name: os.environ.get(name, "").strip().lower() for name in PATH_SWITCHES}
 
 
 def cache_entry(root: Path, key: dict[str, Any]) -> Path:
