@@ -7,8 +7,9 @@ Keys and values are projected along the length axis, from N to k rows, before de
 Cost O(N k d) time and O(N k) memory (O(N d) here: the k-key attention runs through PyTorch's fused
 SDPA kernel, or, where the library's float32 products run on oneDNN, through the block-sparse
 engine with every key tile in every row: `core.block_sparse.dense_over_compressed_keys`, measured
-0.82x the step time at N = 16K and 0.94x at 4K on the AMD EPYC, train, one thread, paired). The projections are parameters of shape (k, max_seq_len); a sequence of N <=
-`max_seq_len` tokens uses their first N columns. Not causal: E K mixes all positions, so every
+0.82x the step time at N = 16K and 0.94x at 4K on the AMD EPYC, train, one thread, paired). The
+projections are parameters of shape (k, max_seq_len); a sequence of N <= `max_seq_len` tokens uses
+their first N columns. Not causal: E K mixes all positions, so every
 output depends on future tokens (`causal=True` is refused).
 
 Order of evaluation: when E and F are shared by the heads (sharing "headwise" or "kv"), the layer
@@ -46,7 +47,6 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import AttentionLayer, split_heads, zero_padded
