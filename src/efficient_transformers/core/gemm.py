@@ -23,8 +23,10 @@ tf32 arithmetic, not float32). So:
   the same products bit for bit), "torch" (always PyTorch's product) or "onednn" (oneDNN wherever it
   takes the dtype). Both compute the same float32 products, in another order of
   summation; float64 and other dtypes, autocast and non-CPU devices always use PyTorch's product.
-  The block-sparse engine's batched products go the same way (`batched_matmul`). Everything else (the
-  other mechanisms' own `bmm`s, SDPA's kernel) runs PyTorch's products as it always does.
+  So do the block-sparse engine's batched products (`batched_matmul`) and the mechanisms' own
+  differentiable products (`product_with_grad`: Transformer-XL's and Compressive's relative-position
+  attention, Linformer's and Sinkhorn's projections). Everything else (Reformer's hashing and
+  Routing's k-means assignments, SDPA's kernel) runs PyTorch's products as it always does.
 - **a ceiling** (`bench.products.replay`) is a lower bound on *any* implementation's step, so each
   replayed shape runs on whichever backend is faster for it (`fastest`, timed once per shape), and the
   machine's matrix-multiply rate (`bench.harness.matmul_rate`) is the faster backend's.
@@ -255,18 +257,17 @@ def product_with_grad(a: Tensor, b: Tensor) -> Tensor:
     itself. The dense products of the mechanisms that attend over a window or memory with relative
     positions (Transformer-XL, Compressive) and the low-rank projections (Linformer, Sinkhorn's sorting)
     run here. Double backward: set `EFT_MATMUL=torch`, as for `linear`."""
-    if (a.dim() < 2 or b.dim() < 2 or a.dtype != b.dtype or not prefers_onednn(a.dtype, a.device)
-            or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
-        if a.dim() >= 2 and b.dim() >= 2 and a.dtype == b.dtype and prefers_onednn(a.dtype, a.device):
-            return _product(a, b)
+    if a.dim() < 2 or b.dim() < 2 or a.dtype != b.dtype or not prefers_onednn(a.dtype, a.device):
         return torch.matmul(a, b)
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return _product(a, b)
     return _OneDNNProduct.apply(a, b)
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:
     """a @ b without autograd on the preferred backend: (m, k) @ (k, n), or broadcast batches."""
     if a.dim() == 2 and b.dim() == 2:
-        return _into_new(a, b) if native.enabled() else onednn_product(a, b.t())  # (m, n)
+        return matmul(a, b)  # (m, n)
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = buffer_pool.empty((*lead, a.shape[-2], b.shape[-1]), a.dtype, a.device)  # (..., m, n)
     return batched_matmul(a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]), out)
